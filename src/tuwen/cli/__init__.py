@@ -1,0 +1,73 @@
+"""Command line: ``tuwen <subcommand> ...`` and EasyNLP's flag style ``tuwen --mode=train --app_name=... ...``.
+
+Each subcommand lives in its own module with ``add_parser(subparsers)``; modules import torch lazily so that
+``tuwen --help`` is fast. A ``TuwenError`` is printed as one line (no traceback) and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from ..errors import TuwenError
+
+# subcommand name -> module under tuwen.cli (each defines add_parser(subparsers))
+SUBCOMMANDS = {
+    "data": "data",
+    "vq": "vq",
+    "generate": "generate",
+    "caption": "caption",
+    "convert": "convert",
+    "demo": "demo",
+    "rerank": "rerank",
+    "evaluate-images": "evaluate_images",
+    "serve": "serve",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tuwen",
+        description="tuwen (图文): text→image generation and image/video→text captioning. "
+                    "EasyNLP style also works: tuwen --mode=train|predict|evaluate --app_name=... (see README).",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, mod in SUBCOMMANDS.items():
+        try:
+            m = importlib.import_module(f"tuwen.cli.{mod}")
+        except ModuleNotFoundError as e:  # a module not written yet
+            if e.name == f"tuwen.cli.{mod}":
+                continue
+            raise
+        m.add_parser(sub)
+    return p
+
+
+def _is_easynlp_style(argv: list[str]) -> bool:
+    return any(a.startswith(("--mode", "--app_name")) for a in argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if _is_easynlp_style(argv):
+            from . import easynlp
+            return int(easynlp.main(argv) or 0)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 1
+        return int(args.func(args) or 0)
+    except TuwenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data layer shared by every task: EasyNLP TSV tables, image folders, code shards, the synthetic set."""
