@@ -1,0 +1,1 @@
+"""The one trainer every task uses (plain PyTorch loop; DDP through torchrun)."""

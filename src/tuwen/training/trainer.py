@@ -1,0 +1,635 @@
+"""The one trainer for every task (VQGAN, text→image GPT, captioner, CLIP).
+
+A task supplies datasets, a trainable module whose ``forward(batch, step=...)`` returns a dict with a scalar
+``"loss"`` (plus any scalars to log), and how to save the inference model. The trainer does the rest:
+
+* single process on CPU or one GPU with no distributed setup; multi-GPU / multi-node under ``torchrun``
+  (DDP, env-var initialisation, rank-0-only logging and saving, per-epoch sampler seeding);
+* bf16 autocast on CUDA (fp16 with a GradScaler on request), gradient accumulation (``no_sync`` on the
+  non-final micro-batches), clipping after unscaling, AdamW with warmup + linear/cosine decay;
+* tqdm progress on rank 0 (loss, lr, items/s, ETA), a JSON-lines log of every optimizer step, optional TensorBoard;
+* bad rows are skipped and reported at the end (``--strict`` stops at the first);
+* atomic checkpoints with model, optimizer, scheduler, step, epoch, data position and RNG states, so that
+  ``--resume auto|PATH`` continues exactly (the same loss sequence on CPU as an uninterrupted run).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from ..data.tables import BadRow, BadRowError, BadRowReport, collate_skip_bad
+from ..errors import TuwenError
+from ..hub import atomic_torch_save, atomic_write_text
+from . import dist as D
+
+CKPT_DIR = "checkpoints"
+LOG_NAME = "train_log.jsonl"
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Trainer settings; EasyNLP's flag names where they exist."""
+
+    checkpoint_dir: str
+    learning_rate: float = 5e-5
+    weight_decay: float = 1e-4
+    epoch_num: int = 3
+    max_steps: int | None = None           # stop after this many optimizer steps (overrides epoch_num)
+    micro_batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0             # <= 0 disables clipping
+    warmup_proportion: float = 0.1
+    lr_schedule: str = "linear"            # linear | cosine | constant (after warmup)
+    optimizer_type: str = "AdamW"          # AdamW | Adam
+    random_seed: int = 1234
+    logging_steps: int = 100
+    save_checkpoint_steps: int | None = None  # default: once per epoch
+    save_all_checkpoints: bool = False
+    keep_checkpoints: int = 2
+    resume: str | None = None              # None | "auto" | path
+    precision: str = "auto"                # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"
+    num_workers: int | None = None         # DataLoader workers (EasyNLP --data_threads); None = auto
+    strict: bool = False
+    do_eval: bool = True
+    tensorboard: bool | None = None        # None: on when tensorboard is installed
+    max_bad_listed: int = 20
+    compile: bool = False
+    progress: bool | None = None           # None: tqdm only on a terminal
+
+    def validate(self) -> None:
+        checks = [
+            (self.micro_batch_size >= 1, "--micro_batch_size must be ≥ 1"),
+            (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be ≥ 1"),
+            (self.epoch_num >= 1 or self.max_steps, "--epoch_num must be ≥ 1"),
+            (self.learning_rate > 0, "--learning_rate must be > 0"),
+            (0 <= self.warmup_proportion < 1, "--warmup_proportion must be in [0, 1)"),
+            (self.logging_steps >= 1, "--logging_steps must be ≥ 1"),
+            (self.save_checkpoint_steps is None or self.save_checkpoint_steps >= 1,
+             "--save_checkpoint_steps must be ≥ 1"),
+            (self.lr_schedule in ("linear", "cosine", "constant"), "--lr_schedule must be linear, cosine or constant"),
+            (self.optimizer_type.lower() in ("adamw", "adam"), f"--optimizer_type {self.optimizer_type!r}: "
+                                                                "tuwen supports AdamW and Adam"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise TuwenError(msg)
+
+
+class Task:
+    """What the trainer needs from a task. Subclasses override the methods marked as required."""
+
+    name = "task"
+    betas: tuple[float, float] = (0.9, 0.999)
+    best_metric = "loss"
+    best_mode = "min"
+
+    def build_module(self) -> nn.Module:  # required: forward(batch, step=int) -> {"loss": scalar, ...}
+        raise NotImplementedError
+
+    def train_dataset(self):  # required: map-style; items are dicts or BadRow
+        raise NotImplementedError
+
+    def val_dataset(self):
+        return None
+
+    def collate(self, samples: list) -> dict:
+        return collate_skip_bad(samples)
+
+    def param_groups(self, module: nn.Module, weight_decay: float) -> list[dict]:
+        """Default split: weight decay on ≥2-D weights only (not biases, norms, embeddings, position tables)."""
+        decay, no_decay = [], []
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            parts = name.split(".")
+            leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
+            if p.dim() < 2 or "emb" in leaf or "emb" in parent or "norm" in parent or parent.startswith("ln"):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def eval_step(self, module: nn.Module, batch: dict) -> dict[str, tuple[float, int]]:
+        """Sums and counts of metrics for one validation batch (averaged over all batches and ranks)."""
+        out = module(batch, step=0)
+        n = int(batch["size"])
+        return {k: (float(v) * n, n) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+
+    def after_step(self, module: nn.Module, step: int) -> None:
+        """Called after every optimizer step (e.g. clamp CLIP's temperature, restart dead VQ codes)."""
+
+    def save_model(self, module: nn.Module, out_dir: Path) -> None:  # required
+        raise NotImplementedError
+
+    def sample_images(self, module: nn.Module, batch: dict):
+        """Optional: PIL images to show in TensorBoard at evaluation time."""
+        return None
+
+    def describe(self) -> dict:
+        return {"task": self.name}
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+
+class EpochSampler(Sampler[int]):
+    """Shuffled (or ordered) indices, sharded over ranks like ``DistributedSampler``, resumable mid-epoch.
+
+    The permutation of epoch e depends only on (seed, e); ``set_epoch(e, start)`` skips the first ``start``
+    indices of this rank's shard (used when resuming in the middle of an epoch).
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+        self.epoch, self.start = 0, 0
+        self.per_rank = math.ceil(n / world)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def shard(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        total = self.per_rank * self.world
+        idx = (idx * math.ceil(total / max(len(idx), 1)))[:total] if idx else []  # pad by wrapping, like DDP's sampler
+        return idx[self.rank:total:self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.shard()[self.start:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def _shard_indices(n: int) -> list[int]:
+    return list(range(D.rank(), n, D.world_size()))
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+def unwrap(module: nn.Module) -> nn.Module:
+    module = getattr(module, "_orig_mod", module)  # torch.compile
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    nb = device.type == "cuda"
+    return {k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _rng_state() -> dict:
+    st = np.random.get_state()
+    out = {"python": random.getstate(), "numpy": [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])],
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    n = st["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+        return max(0.0, 1.0 - frac)
+    return f
+
+
+def find_latest_checkpoint(path: str | Path) -> Path | None:
+    path = Path(path)
+    if path.is_file():
+        return path
+    for d in (path / CKPT_DIR, path):
+        if d.is_dir():
+            found = sorted(d.glob("step-*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+            if found:
+                return found[-1]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- trainer
+
+class Trainer:
+    def __init__(self, args: TrainArgs, task: Task, log: Callable[[str], None] | None = None):
+        args.validate()
+        self.args, self.task = args, task
+        self.device = D.init_distributed(args.device)
+        self.rank, self.world = D.rank(), D.world_size()
+        self.is_main = self.rank == 0
+        self._print = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.ckpt_dir = Path(args.checkpoint_dir)
+        prec = args.precision
+        if prec == "auto":
+            prec = "bf16" if self.device.type == "cuda" else "fp32"
+        if prec in ("bf16", "fp16") and self.device.type != "cuda":
+            if prec == "fp16":
+                raise TuwenError("--precision fp16 needs a CUDA device; use fp32 (or bf16) on CPU")
+        self.precision = prec
+        self.report = BadRowReport(args.max_bad_listed)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best: float | None = None
+        self.history: list[dict] = []
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            self._print(msg)
+
+    # ------------------------------------------------------------------ setup
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.precision == "fp16":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _loader(self, dataset, sampler, batch_size: int, epoch: int) -> DataLoader:
+        nw = self.args.num_workers
+        if nw is None:
+            nw = min(4, max(0, (os.cpu_count() or 1) - 1))
+        if hasattr(dataset, "epoch"):
+            dataset.epoch = epoch
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=nw,
+                          collate_fn=self.task.collate, pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.args.random_seed + epoch),
+                          persistent_workers=False, drop_last=False)
+
+    def _make_optimizer(self, module: nn.Module):
+        groups = self.task.param_groups(module, self.args.weight_decay)
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise TuwenError("nothing to train: the model has no trainable parameters")
+        kw = {"lr": self.args.learning_rate, "betas": self.task.betas}
+        if self.device.type == "cuda":
+            kw["fused"] = True
+        return torch.optim.AdamW(groups, **kw)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_state(self, module, optimizer, scheduler, scaler) -> dict | None:
+        rngs = D.all_gather_objects(_rng_state())
+        reports = D.all_gather_objects(self.report.state())
+        if not self.is_main:
+            return None
+        merged = BadRowReport(self.args.max_bad_listed)
+        merged.load_state(self.report.state())
+        merged.merge_states(reports)
+        return {
+            "format": "tuwen-train-state", "version": 1,
+            "module": unwrap(module).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "rng": rngs, "world_size": self.world, "bad_rows": merged.state(), "best": self.best,
+            "args": dataclasses.asdict(self.args), "task": self.task.describe(),
+        }
+
+    def save_checkpoint(self, module, optimizer, scheduler, scaler) -> None:
+        state = self._checkpoint_state(module, optimizer, scheduler, scaler)
+        if self.is_main:
+            d = self.ckpt_dir / CKPT_DIR
+            path = d / f"step-{self.step:08d}.pt"
+            atomic_torch_save(state, path)
+            if not self.args.save_all_checkpoints:
+                old = sorted(d.glob("step-*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+                for p in old[: -max(1, self.args.keep_checkpoints)]:
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+            self.log(f"saved checkpoint {path}")
+        D.barrier()
+
+    def _load_checkpoint(self, path: Path, module, optimizer, scheduler, scaler) -> None:
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise TuwenError(f"--resume: cannot read checkpoint {path} ({e})") from None
+        if not isinstance(st, dict) or st.get("format") != "tuwen-train-state":
+            raise TuwenError(f"--resume: {path} is not a tuwen training checkpoint (write one with a tuwen train run)")
+        try:
+            unwrap(module).load_state_dict(st["module"], strict=True)
+        except RuntimeError as e:
+            raise TuwenError(f"--resume: {path} does not match this model ({str(e).splitlines()[0]}); "
+                             "resume with the same model settings it was written with") from None
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        if scaler is not None and st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
+        self.best = st.get("best")
+        self.report.load_state(st["bad_rows"])
+        old = st.get("args", {})
+        for k in ("micro_batch_size", "gradient_accumulation_steps", "random_seed"):
+            if k in old and old[k] != getattr(self.args, k):
+                self.log(f"warning: --{k} was {old[k]} in the checkpoint and is {getattr(self.args, k)} now; "
+                         "the run continues but will not repeat the original exactly")
+        rngs = st.get("rng") or []
+        if st.get("world_size") == self.world and len(rngs) == self.world:
+            _set_rng_state(rngs[self.rank])
+        else:
+            self.log(f"warning: checkpoint was written by {st.get('world_size')} process(es), now {self.world}; "
+                     "random states are re-seeded")
+            seed_everything(self.args.random_seed + self.rank + self.step)
+        self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module, val_ds) -> dict[str, float]:
+        m = unwrap(module)
+        was_training = m.training
+        m.eval()
+        idx = _shard_indices(len(val_ds))
+        loader = DataLoader(torch.utils.data.Subset(val_ds, idx), batch_size=self.args.micro_batch_size,
+                            shuffle=False, num_workers=0, collate_fn=self.task.collate)
+        sums: dict[str, list[float]] = {}
+        first_batch = None
+        for batch in loader:
+            self._note_bad(batch)
+            if not batch["size"]:
+                continue
+            batch = _to_device(batch, self.device)
+            first_batch = first_batch or batch
+            with self._autocast():
+                res = self.task.eval_step(m, batch)
+            for k, (s, n) in res.items():
+                acc = sums.setdefault(k, [0.0, 0.0])
+                acc[0] += float(s)
+                acc[1] += float(n)
+        keys = sorted(set().union(*D.all_gather_objects(sorted(sums))))
+        vec = torch.tensor([v for k in keys for v in sums.get(k, [0.0, 0.0])], dtype=torch.float64)
+        vec = D.all_reduce_sum(vec)
+        out = {k: (vec[2 * i] / vec[2 * i + 1]).item() for i, k in enumerate(keys) if vec[2 * i + 1] > 0}
+        if self.is_main and self._tb and first_batch is not None:
+            with contextlib.suppress(Exception):
+                imgs = self.task.sample_images(m, first_batch)
+                if imgs:
+                    from ..data.images import make_grid
+                    grid = np.asarray(make_grid(imgs))
+                    self._tb.add_image("samples", grid, self.step, dataformats="HWC")
+        m.train(was_training)
+        return out
+
+    def _note_bad(self, batch: dict) -> None:
+        bads: list[BadRow] = batch.get("bad_rows") or []
+        if bads and self.args.strict:
+            raise BadRowError(f"{bads[0]} (--strict stops at the first bad row; without it bad rows are skipped "
+                              "and reported at the end)")
+        self.report.extend(bads)
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> dict[str, Any]:
+        a = self.args
+        seed_everything(a.random_seed)
+        module = self.task.build_module().to(self.device)
+        module.train()
+        self.module = module
+        train_ds = self.task.train_dataset()
+        val_ds = self.task.val_dataset() if a.do_eval else None
+        if len(train_ds) == 0:
+            raise TuwenError("the training data has no rows")
+        optimizer = self._make_optimizer(module)
+        sampler = EpochSampler(len(train_ds), shuffle=True, seed=a.random_seed, rank=self.rank, world=self.world)
+        batches_per_epoch = math.ceil(sampler.per_rank / a.micro_batch_size)
+        steps_per_epoch = math.ceil(batches_per_epoch / a.gradient_accumulation_steps)
+        total = a.max_steps or steps_per_epoch * a.epoch_num
+        epochs = math.ceil(total / steps_per_epoch)
+        warmup = int(a.warmup_proportion * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(a.lr_schedule, warmup, total))
+        scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        save_every = a.save_checkpoint_steps or steps_per_epoch
+
+        if a.resume:
+            path = find_latest_checkpoint(self.ckpt_dir if a.resume == "auto" else a.resume)
+            if path is not None:
+                self._load_checkpoint(path, module, optimizer, scheduler, scaler)
+            elif a.resume == "auto":
+                self.log(f"--resume auto: no checkpoint in {self.ckpt_dir / CKPT_DIR}; starting from scratch")
+            else:
+                raise TuwenError(f"--resume {a.resume}: no checkpoint found there")
+        if self.step == 0:
+            seed_everything(a.random_seed + self.rank)
+
+        ddp_module = module
+        if self.world > 1:
+            ddp_module = nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=True, find_unused_parameters=getattr(self.task, "find_unused_parameters", False))
+        if a.compile:
+            ddp_module = torch.compile(ddp_module)
+
+        self._tb = None
+        log_path = self.ckpt_dir / LOG_NAME
+        if self.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.ckpt_dir / "train_config.json",
+                              json.dumps({"args": dataclasses.asdict(a), "task": self.task.describe(),
+                                          "world_size": self.world, "precision": self.precision,
+                                          "device": str(self.device)}, indent=2, ensure_ascii=False) + "\n")
+            kept = []
+            if self.step and log_path.exists():  # drop log lines written after the checkpoint we resumed from
+                kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
+            self._tb = self._open_tensorboard()
+            n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            self.log(f"training {self.task.name}: {len(train_ds)} rows, {total} steps "
+                     f"({steps_per_epoch}/epoch × {epochs} epoch(s)), batch {a.micro_batch_size}×"
+                     f"{a.gradient_accumulation_steps} accumulation×{self.world} process(es), "
+                     f"{n_params / 1e6:.2f}M trainable parameters, {self.device}, {self.precision}")
+        log_file = open(log_path, "a", encoding="utf-8") if self.is_main else None
+
+        progress = a.progress if a.progress is not None else None
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=self.step, desc=self.task.name, unit="step", dynamic_ncols=True,
+                   disable=(not self.is_main) or (progress is False) or (None if progress is None else False),
+                   file=sys.stderr)
+        window: dict[str, list[float]] = {}
+        t_last, items_last = time.time(), 0
+        t_start, step_start = t_last, self.step
+        items_total = 0
+        done = self.step >= total
+        try:
+            while not done and self.epoch < epochs:
+                start = self.batch_in_epoch
+                sampler.set_epoch(self.epoch, start * a.micro_batch_size)
+                loader = self._loader(train_ds, sampler, a.micro_batch_size, self.epoch)
+                micro = start
+                group_losses: dict[str, float] = {}
+                group_n = 0
+                for batch in loader:
+                    self._note_bad(batch)
+                    group_start = (micro // a.gradient_accumulation_steps) * a.gradient_accumulation_steps
+                    group_size = min(a.gradient_accumulation_steps, batches_per_epoch - group_start)
+                    last_in_group = micro + 1 == group_start + group_size
+                    n_good = int(batch["size"])
+                    skip = n_good == 0
+                    if self.world > 1:
+                        skip = bool(D.all_reduce_sum(torch.tensor([float(skip)], device=self.device)).item())
+                    if not skip:
+                        batch = _to_device(batch, self.device)
+                        sync = last_in_group or self.world == 1
+                        ctx = contextlib.nullcontext() if sync else ddp_module.no_sync()
+                        with ctx:
+                            with self._autocast():
+                                out = ddp_module(batch, step=self.step)
+                            loss = out["loss"]
+                            if not torch.isfinite(loss):
+                                raise TuwenError(f"loss became {loss.item()} at step {self.step}; lower "
+                                                 "--learning_rate or use --precision fp32")
+                            scaled = loss / group_size
+                            (scaler.scale(scaled) if scaler else scaled).backward()
+                        for k, v in out.items():
+                            if torch.is_tensor(v) and v.numel() == 1:
+                                group_losses[k] = group_losses.get(k, 0.0) + float(v.detach())
+                        group_n += 1
+                        items_total += n_good
+                    micro += 1
+                    if not last_in_group:
+                        continue
+                    # ---- optimizer step
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    grad_norm = None
+                    if a.max_grad_norm and a.max_grad_norm > 0:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), a.max_grad_norm))
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    lr = scheduler.get_last_lr()[0]  # the rate this step used
+                    scheduler.step()
+                    self.step += 1
+                    self.batch_in_epoch = micro
+                    if micro >= batches_per_epoch:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    self.task.after_step(unwrap(module), self.step)
+                    # ---- logging
+                    metrics = {k: v / max(group_n, 1) for k, v in group_losses.items()}
+                    if self.world > 1 and metrics:
+                        keys = sorted(metrics)
+                        vec = D.all_reduce_sum(torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
+                                                            device=self.device)) / self.world
+                        metrics = dict(zip(keys, vec.tolist()))
+                    group_losses, group_n = {}, 0
+                    if self.is_main:
+                        rec = {"step": self.step, "epoch": self.epoch, "lr": lr, **metrics}
+                        if grad_norm is not None:
+                            rec["grad_norm"] = grad_norm
+                        log_file.write(json.dumps(rec) + "\n")
+                        log_file.flush()
+                        for k, v in metrics.items():
+                            window.setdefault(k, []).append(v)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}")
+                        if self._tb:
+                            for k, v in metrics.items():
+                                self._tb.add_scalar(f"train/{k}", v, self.step)
+                            self._tb.add_scalar("train/lr", lr, self.step)
+                    if self.step % a.logging_steps == 0 or self.step == total:
+                        now = time.time()
+                        rate = (items_total - items_last) * self.world / max(now - t_last, 1e-9)
+                        t_last, items_last = now, items_total
+                        means = {k: sum(v) / len(v) for k, v in window.items()}
+                        window = {}
+                        shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                        eta = (total - self.step) * (now - t_start) / max(1, self.step - step_start)
+                        self.log(f"step {self.step}/{total} epoch {self.epoch} {shown} lr {lr:.3e} "
+                                 f"{rate:.1f} items/s eta {eta / 60:.1f} min")
+                        if self._tb:
+                            self._tb.add_scalar("train/items_per_s", rate, self.step)
+                    if self.step % save_every == 0 or self.step == total:
+                        self._eval_and_save(module, val_ds, optimizer, scheduler, scaler)
+                    if self.step >= total:
+                        done = True
+                        break
+                else:
+                    if self.batch_in_epoch != 0:  # loader ended early (cannot happen unless data changed)
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        finally:
+            bar.close()
+            if log_file:
+                log_file.close()
+        reports = D.all_gather_objects(self.report.state())
+        if self.is_main:
+            final = BadRowReport(self.args.max_bad_listed)
+            final.merge_states(reports)
+            self.report = final
+            if final.count:
+                self.log(final.summary(total=len(train_ds)))
+            if self._tb:
+                self._tb.close()
+        D.barrier()
+        return {"step": self.step, "best": self.best, "history": self.history, "bad_rows": self.report.count}
+
+    def _eval_and_save(self, module, val_ds, optimizer, scheduler, scaler) -> None:
+        metrics = {}
+        if val_ds is not None and len(val_ds):
+            metrics = self.evaluate(module, val_ds)
+            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self.log(f"eval step {self.step}: {shown}")
+            if self._tb:
+                for k, v in metrics.items():
+                    self._tb.add_scalar(f"eval/{k}", v, self.step)
+        self.history.append({"step": self.step, **metrics})
+        value = metrics.get(self.task.best_metric)
+        better = value is None or self.best is None or (
+            value < self.best if self.task.best_mode == "min" else value > self.best)
+        if better and value is not None:
+            self.best = value
+        if self.is_main and better:
+            self.task.save_model(unwrap(module), self.ckpt_dir)
+            what = f"best {self.task.best_metric} {value:.4f}" if value is not None else "latest"
+            self.log(f"saved model ({what}) to {self.ckpt_dir}")
+        self.save_checkpoint(module, optimizer, scheduler, scaler)
+
+    def _open_tensorboard(self):
+        want = self.args.tensorboard
+        if want is False:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:
+            if want:
+                raise TuwenError("--tensorboard needs the tensorboard package: pip install 'tuwen[tensorboard]'")
+            return None
+        return SummaryWriter(str(self.ckpt_dir / "log"))
