@@ -1,0 +1,84 @@
+"""EasyNLP's command line, verbatim: ``tuwen --mode=train|predict|evaluate --app_name=... --tables=... ...``.
+
+The same flags as ``easynlp`` / ``examples/.../main.py`` (see ``tuwen --mode=train --help``). Every EasyNLP
+flag is accepted; those with no meaning in tuwen are accepted and ignored (listed in ``IGNORED``). Unknown
+flags are an error that names them. ``--user_defined_parameters`` is parsed with typed keys per app.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import TuwenError
+from .common import add_data_flags, add_predict_flags, add_train_flags
+
+# app name (EasyNLP --app_name, matched by prefix like EasyNLP does) -> task module
+APPS = {
+    "text2image_generation": "tuwen.tasks.text2image",
+    "image2text_generation": "tuwen.tasks.captioning",
+    "video2text_generation": "tuwen.tasks.captioning",
+    "clip": "tuwen.tasks.clip",
+}
+
+IGNORED = ("worker_gpu", "worker_count", "master_port", "worker_hosts", "local_rank", "distributed_backend",
+           "use_torchacc", "modelzoo_base_dir", "buckets", "odps_config", "user_script", "user_entry_file",
+           "predict_slice_size", "predict_queue_size", "predict_thread_num", "predict_table_read_thread_num",
+           "do_lower_case", "mg_model", "label_name", "label_enumerate_values", "export_tf_checkpoint_type")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tuwen --mode=...",
+        description="EasyNLP-compatible entry point: train, predict or evaluate an app on EasyNLP TSV tables. "
+                    "Launch on several GPUs with: torchrun --nproc_per_node=N -m tuwen --mode=train ...",
+    )
+    p.add_argument("--mode", required=True, choices=["train", "predict", "evaluate"])
+    p.add_argument("--app_name", required=True, help=f"one of {', '.join(APPS)}")
+    p.add_argument("--user_defined_parameters", default=None,
+                   help="app settings as 'key=value key2=value2' (typed; unknown keys are an error)")
+    p.add_argument("--sequence_length", type=int, default=None,
+                   help="EasyNLP's total sequence length; checked against text_len + img_len")
+    add_data_flags(p)
+    add_train_flags(p)
+    add_predict_flags(p)
+    ig = p.add_argument_group("accepted for EasyNLP compatibility, no effect in tuwen")
+    for name in IGNORED:
+        ig.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def resolve_app(app_name: str) -> tuple[str, str]:
+    """EasyNLP matches apps by prefix (``image2text_generation_vqgan`` → image2text)."""
+    for name in sorted(APPS, key=len, reverse=True):
+        if app_name == name or app_name.startswith(name):
+            return name, APPS[name]
+    raise TuwenError(f"--app_name {app_name!r}: not supported; tuwen runs {', '.join(APPS)}")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [u for u in unknown if u.startswith("-")] or unknown
+        raise TuwenError(f"unrecognized argument(s): {' '.join(flags)} (see: tuwen --mode=train --app_name=X --help)")
+    args.app, args.app_module = resolve_app(args.app_name)
+    ignored = [n for n in IGNORED if getattr(args, n) is not None and n != "local_rank"]
+    if ignored:
+        print(f"note: ignoring EasyNLP flag(s) with no effect in tuwen: {', '.join('--' + n for n in ignored)}",
+              file=sys.stderr)
+    return args
+
+
+def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        build_parser().print_help()
+        return 0
+    args = parse(argv)
+    try:
+        mod = importlib.import_module(args.app_module)
+    except ModuleNotFoundError as e:
+        if e.name == args.app_module:
+            raise TuwenError(f"--app_name {args.app_name}: not available in this build") from None
+        raise
+    return int(mod.run_easynlp(args) or 0)
