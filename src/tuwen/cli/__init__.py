@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_easynlp_style(argv: list[str]) -> bool:
-    return any(a.startswith(("--mode", "--app_name")) for a in argv)
+    return any(a in ("--mode", "--app_name") or a.startswith(("--mode=", "--app_name=")) for a in argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import binascii
 import io
 import json
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -108,7 +109,7 @@ def open_image(data: bytes | str | Path | Image.Image, target_size: int | None =
         except Image.DecompressionBombWarning as e:
             raise ImageDecodeError(f"image too large ({e})") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            reason = str(e) or type(e).__name__
+            reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", " data", str(e)) or type(e).__name__
             if "truncated" in reason.lower():
                 raise ImageDecodeError(f"truncated image ({reason})") from None
             raise ImageDecodeError(f"undecodable image ({reason})") from None
