@@ -64,12 +64,80 @@ def add_parser(subparsers) -> None:
 
 
 # =================================================================================================
-# `tuwen vq train` — reserved for the lead: it is added here with the shared trainer
-# (tuwen.training.trainer + tuwen.models.discriminator.VQGANTrainModule / VQLossConfig).
-# No training loop lives in this module.
+# `tuwen vq train` — stage-1 training on the shared trainer (tuwen.tasks.vq)
 # =================================================================================================
 def add_train_parser(sub) -> None:
-    """Placeholder: register ``tuwen vq train`` here."""
+    from .common import add_data_flags, add_train_flags
+
+    q = sub.add_parser(
+        "train", help="train (or finetune) a VQGAN on TSV tables / image folders",
+        description="Train a VQGAN image tokenizer with the shared trainer (torchrun for several GPUs). "
+                    "Example: tuwen vq train --tables train.tsv,val.tsv --input_schema idx:str:1,text:str:1,"
+                    "imgbase64:str:1 --second_sequence imgbase64 --checkpoint_dir models/vqgan --preset tiny "
+                    "--size 64 --micro_batch_size 32 --learning_rate 2e-4 --epoch_num 10")
+    add_data_flags(q, required_tables=True)
+    add_train_flags(q)
+    m = q.add_argument_group("VQGAN")
+    m.add_argument("--image_column", default=None,
+                   help="image column (default: --second_sequence, else imgbase64; 'image' for folders)")
+    m.add_argument("--size", type=int, default=None, help="training image size (default: the preset's resolution)")
+    m.add_argument("--random_crop", action="store_true", help="random instead of center crops")
+    m.add_argument("--preset", default="tiny", help="architecture preset: f16_16384, f16_1024, small, tiny")
+    m.add_argument("--arch", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override preset fields, e.g. --arch n_embed=1024 ch=64 'ch_mult=[1,2,2,4]'")
+    m.add_argument("--init", default=None, help="start from this tuwen VQGAN folder (finetune)")
+    lo = q.add_argument_group("loss")
+    defaults = _loss_flags()
+    for name, (typ, default, helptext) in defaults.items():
+        lo.add_argument(f"--{name}", type=typ, default=default, help=helptext)
+    q.set_defaults(func=_cmd_train)
+
+
+def _loss_flags() -> dict:
+    return {
+        "l2_weight": (float, 0.0, "extra L2 reconstruction weight (L1 is always on)"),
+        "codebook_weight": (float, 1.0, "codebook + commitment loss weight (beta on the commitment term)"),
+        "disc_weight": (float, 0.75, "adversarial weight; 0 turns the PatchGAN discriminator off"),
+        "disc_start": (int, 10000, "optimizer step at which the discriminator starts (generator term and D training)"),
+        "disc_num_layers": (int, 2, "PatchGAN layers"),
+        "perceptual_weight": (float, 1.0, "LPIPS weight (only with --lpips_path and --vgg_path)"),
+        "lpips_path": (str, None, "local taming/LPIPS vgg.pth (lin layers); perceptual loss is off without it"),
+        "vgg_path": (str, None, "local torchvision VGG16 weights for LPIPS"),
+        "dead_code_steps": (int, 0, "re-initialise codes unused for this many steps from encoder outputs (0: off)"),
+    }
+
+
+def _cmd_train(ns) -> int:
+    from ..config import coerce
+    from ..errors import TuwenError
+    from ..models.discriminator import VQLossConfig
+    from ..models.vqgan import VQGANConfig, PRESETS
+    from ..tasks.vq import VQGANTrainTask, VQTrainSettings
+    from ..training.trainer import Trainer
+    from .common import train_args_from
+    import typing
+
+    if ns.preset not in PRESETS:
+        raise TuwenError(f"--preset {ns.preset!r}: choose one of {', '.join(PRESETS)}")
+    hints = typing.get_type_hints(VQGANConfig)
+    overrides = {}
+    for item in ns.arch:
+        if "=" not in item:
+            raise TuwenError(f"--arch {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        if k not in hints or k == "model_type":
+            raise TuwenError(f"--arch {k!r}: not a VQGAN setting; known: {', '.join(sorted(h for h in hints if h != 'model_type'))}")
+        overrides[k] = coerce(v, hints[k], f"--arch {k}")
+    size = ns.size or overrides.get("resolution") or PRESETS[ns.preset]["resolution"]
+    loss = VQLossConfig(**{k: getattr(ns, k) for k in _loss_flags()})
+    loss.validate()
+    image_col = ns.image_column or ns.second_sequence or ("imgbase64" if ns.input_schema else "image")
+    settings = VQTrainSettings(tables=ns.tables, input_schema=ns.input_schema, image_column=image_col, size=size,
+                               preset=ns.preset, config_overrides=overrides, init=ns.init, loss=loss,
+                               random_crop=ns.random_crop, skip_first_line=ns.skip_first_line, seed=ns.random_seed)
+    args = train_args_from(ns, default_lr=2e-4, default_wd=0.0)
+    Trainer(args, VQGANTrainTask(settings)).train()
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------- flags

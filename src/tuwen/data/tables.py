@@ -411,15 +411,26 @@ def open_source(tables: str | Sequence[str], schema: str | Sequence[Column] | No
 # ----------------------------------------------------------------------------------------------- datasets
 
 class RowDataset:
-    """Map-style dataset: ``transform(row, index)`` applied to each row; any failure becomes a ``BadRow``.
+    """Map-style dataset: ``transform(row, index)`` (or ``transform(row, index, epoch)``) applied to each row;
+    any failure becomes a ``BadRow``.
 
     ``transform`` raises ``ValueError`` (``ImageDecodeError`` is one) with the reason for rows it cannot use.
+    The trainer sets ``epoch`` before each epoch, so random augmentation can be seeded by (seed, epoch, index)
+    and does not depend on worker processes or on resuming.
     """
 
-    def __init__(self, source: RowSource, transform: Callable[[dict, int], dict], indices: Sequence[int] | None = None):
+    def __init__(self, source: RowSource, transform: Callable[..., dict], indices: Sequence[int] | None = None):
+        import inspect
+
         self.source = source
         self.transform = transform
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        self.epoch = 0
+        try:
+            params = inspect.signature(transform).parameters.values()
+            self._pass_epoch = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3
+        except (TypeError, ValueError):
+            self._pass_epoch = False
 
     def __len__(self) -> int:
         return len(self.source) if self.indices is None else len(self.indices)
@@ -430,7 +441,7 @@ class RowDataset:
         if isinstance(row, BadRow):
             return row
         try:
-            return self.transform(row, j)
+            return self.transform(row, j, self.epoch) if self._pass_epoch else self.transform(row, j)
         except (ValueError, KeyError, OSError) as e:
             reason = str(e) if not isinstance(e, KeyError) else f"missing column {e}"
             return self.source.bad(j, reason or type(e).__name__)
