@@ -156,7 +156,7 @@ def resize_crop(img: Image.Image, size: int, random_crop: bool = False,
 
 def to_array(img: Image.Image) -> np.ndarray:
     """RGB PIL → uint8 HWC array."""
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
 
 
 def to_tensor(arrays: np.ndarray | Sequence[np.ndarray]):
@@ -170,12 +170,13 @@ def to_tensor(arrays: np.ndarray | Sequence[np.ndarray]):
 
 
 def to_pil(x) -> list[Image.Image]:
-    """Float NCHW (or CHW) tensor in [-1, 1] → list of RGB PIL images (clamped, rounded)."""
+    """Float NCHW (or CHW) tensor in [-1, 1] → list of RGB PIL images (clamped)."""
     import torch
 
     if x.dim() == 3:
         x = x.unsqueeze(0)
-    arr = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    # (x + 1) * 127.5 truncated to uint8: the conversion EasyNLP's and taming's save_image use
+    arr = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).to(torch.uint8)
     arr = arr.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a, "RGB") for a in arr]
 

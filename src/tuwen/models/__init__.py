@@ -1,0 +1,1 @@
+"""Model definitions: the GPT (text→image codes and captioning), VQGAN, encoders."""
