@@ -69,6 +69,8 @@ class VQGANConfig(BaseConfig):
     double_z: bool = False
     beta: float = 0.25
     legacy: bool = False
+    l2_norm: bool = False     # LlamaGen/ViT-VQGAN: match l2-normalised latents to l2-normalised codes (cosine);
+                              # not in taming (False loads taming weights unchanged); helps small low-dim codebooks
 
     def __post_init__(self):
         self.ch_mult = [int(m) for m in self.ch_mult]
@@ -314,9 +316,9 @@ class VectorQuantizer(nn.Module):
     here), so codes do not depend on the autocast dtype of the surrounding network.
     """
 
-    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy: bool = False):
+    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy: bool = False, l2_norm: bool = False):
         super().__init__()
-        self.n_embed, self.embed_dim, self.beta, self.legacy = n_embed, embed_dim, beta, legacy
+        self.n_embed, self.embed_dim, self.beta, self.legacy, self.l2_norm = n_embed, embed_dim, beta, legacy, l2_norm
         self.embedding = nn.Embedding(n_embed, embed_dim)
         self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
         # steps since each code was last chosen (for dead-code restarts); not saved with the weights
@@ -325,9 +327,9 @@ class VectorQuantizer(nn.Module):
     def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
         """[N, D] → LongTensor [N] of nearest codebook rows (fp32, chunked to bound the [N, n_embed] matrix)."""
         with torch.autocast(z_flat.device.type, enabled=False):
-            e = self.embedding.weight.detach().float()
+            e = self.codebook().detach()
             e2 = e.pow(2).sum(1)                                        # [n_embed]
-            z_flat = z_flat.detach().float()
+            z_flat = self._norm(z_flat.detach().float())
             out = torch.empty(z_flat.shape[0], dtype=torch.long, device=z_flat.device)
             rows = max(1, (1 << 25) // self.n_embed)
             for s in range(0, z_flat.shape[0], rows):
@@ -336,17 +338,24 @@ class VectorQuantizer(nn.Module):
                 out[s:s + rows] = d.argmin(1)
         return out
 
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if self.l2_norm else x
+
+    def codebook(self) -> torch.Tensor:
+        """The codebook as used for matching/decoding, fp32 [n_embed, embed_dim] (l2-normalised rows if l2_norm)."""
+        return self._norm(self.embedding.weight.float())
+
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, h, w] → quantized latents [B, embed_dim, h, w] (taming's ``get_codebook_entry``)."""
-        return self.embedding(codes).permute(0, 3, 1, 2).contiguous()
+        return self._norm(self.embedding(codes)).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """z [B, D, h, w] → (z_q [B, D, h, w] fp32 with straight-through grads, vq loss, info)."""
         B, D, h, w = z.shape
         with torch.autocast(z.device.type, enabled=False):
-            z = z.float().permute(0, 2, 3, 1)                                   # [B, h, w, D]
+            z = self._norm(z.float().permute(0, 2, 3, 1))                       # [B, h, w, D]
             idx = self.nearest(z.reshape(-1, D))
-            z_q = self.embedding(idx).view(z.shape).float()
+            z_q = self._norm(self.embedding(idx).float()).view(z.shape)
             codebook = torch.mean((z_q - z.detach()) ** 2)                      # moves the codes
             commitment = torch.mean((z_q.detach() - z) ** 2)                    # moves the encoder
             if self.legacy:
@@ -422,7 +431,7 @@ class VQGAN(PretrainedModel):
         super().__init__(config)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quantize = VectorQuantizer(config.n_embed, config.embed_dim, config.beta, config.legacy)
+        self.quantize = VectorQuantizer(config.n_embed, config.embed_dim, config.beta, config.legacy, config.l2_norm)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 
