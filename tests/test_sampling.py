@@ -417,3 +417,19 @@ def test_no_repeat_ngram_and_min_new_tokens():
     assert ids[0, 0].tolist()[:2] == [1, 2] and ids[0, 0, 2:].eq(0).all()
     ids, _ = beam_search(m, prefix_ids=p, max_new_tokens=8, num_beams=2, eos_id=2, pad_id=0, min_new_tokens=4)
     assert 2 not in ids[0, 0].tolist()[:4]
+
+
+def test_generate_respects_allowed_range_and_mask():
+    m = tiny_model(seed=12)
+    p = prompts(4, seed=13)
+    for static in (False, True):
+        got = generate(m, prefix_ids=p, num_tokens=10, seeds=0, allowed=(5, 15), static_cache=static)
+        assert ((got >= 5) & (got < 15)).all()
+        mask = torch.zeros(40, dtype=torch.bool)
+        mask[[3, 9, 33]] = True
+        got = generate(m, prefix_ids=p, num_tokens=10, seeds=0, allowed=mask, top_p=0.9, static_cache=static)
+        assert set(got.unique().tolist()) <= {3, 9, 33}
+    assert torch.equal(generate(m, prefix_ids=p, num_tokens=10, seeds=0, allowed=(5, 15)),
+                       generate_naive(m, prefix_ids=p, num_tokens=10, seeds=0, allowed=(5, 15)))
+    with pytest.raises(TuwenError, match="allowed"):
+        generate(m, prefix_ids=p, num_tokens=3, seeds=0, allowed=torch.ones(39, dtype=torch.bool))

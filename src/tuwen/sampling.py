@@ -30,7 +30,12 @@ import torch.nn.functional as F
 from .errors import TuwenError
 from .models.gpt import GPT, KVCache
 
+__all__ = ["sample_tokens", "generate", "generate_naive", "beam_search", "score_sequences", "as_seeds",
+           "uniform_noise", "gumbel_noise", "hash32"]
+
+#: one seed per row: a LongTensor [B], a list, or an int s (row i gets s + i)
 Seeds = int | Sequence[int] | torch.Tensor
+#: output ids a sampler may emit: a (lo, hi) range, a bool mask [n_out] or [B, n_out], or None (all)
 Allowed = tuple[int, int] | torch.Tensor | None
 
 # ------------------------------------------------------------------------------------------ counter-based RNG
@@ -204,8 +209,17 @@ def _cfg_inputs(model: GPT, prefix_ids, prefix_embeds, guidance_scale, uncond_pr
     return ids, emb
 
 
-def _check_offsets(model: GPT, token_offset: int, allowed: Allowed, pad_id: int, eos_id: int | None) -> None:
+def _check_offsets(model: GPT, token_offset: int, allowed: Allowed, pad_id: int, eos_id: int | None) -> Allowed:
+    """Validate ids/offset/allowed; returns ``allowed`` with a mask moved to the model's device (as bool) once,
+    so that no host→device copy happens inside the decode loop (or a CUDA graph)."""
     cfg = model.config
+    if isinstance(allowed, torch.Tensor):
+        if allowed.shape[-1] != cfg.n_out or allowed.dim() not in (1, 2):
+            raise TuwenError(f"allowed mask must be [n_out={cfg.n_out}] or [batch, n_out], got "
+                             f"{tuple(allowed.shape)}")
+        allowed = allowed.to(device=model.tok_emb.weight.device, dtype=torch.bool)
+    elif allowed is not None:
+        allowed = (int(allowed[0]), int(allowed[1]))
     hi = allowed[1] if isinstance(allowed, tuple) else cfg.n_out
     if isinstance(allowed, tuple) and not 0 <= allowed[0] < allowed[1] <= cfg.n_out:
         raise TuwenError(f"allowed range {allowed} must satisfy 0 <= lo < hi <= n_out ({cfg.n_out})")
@@ -215,6 +229,7 @@ def _check_offsets(model: GPT, token_offset: int, allowed: Allowed, pad_id: int,
     for name, v in (("pad_id", pad_id), ("eos_id", eos_id)):
         if v is not None and not 0 <= v < cfg.n_out:
             raise TuwenError(f"{name} {v} is not an output id (0..{cfg.n_out - 1})")
+    return allowed
 
 
 class _Picker:
@@ -356,7 +371,7 @@ def generate(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefix_embed
         raise TuwenError(f"prefix ({P}) + num_tokens ({num_tokens}) - 1 = {P + num_tokens - 1} positions exceed "
                          f"the model's block_size ({cfg.block_size})")
     _check_sampling_args(temperature, top_k, top_p)
-    _check_offsets(model, token_offset, allowed, pad_id, eos_id)
+    allowed = _check_offsets(model, token_offset, allowed, pad_id, eos_id)
     if use_cuda_graph not in ("auto", True, False):
         raise TuwenError(f"use_cuda_graph must be 'auto', True or False, got {use_cuda_graph!r}")
     dev = model.tok_emb.weight.device
@@ -425,7 +440,7 @@ def generate_naive(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefix
         raise TuwenError(f"prefix ({P}) + num_tokens ({num_tokens}) - 1 must be in 1..block_size "
                          f"({model.config.block_size})")
     _check_sampling_args(temperature, top_k, top_p)
-    _check_offsets(model, token_offset, allowed, pad_id, eos_id)
+    allowed = _check_offsets(model, token_offset, allowed, pad_id, eos_id)
     dev = model.tok_emb.weight.device
     doubled = guidance_scale is not None
     ids, emb = _cfg_inputs(model, prefix_ids, prefix_embeds, guidance_scale, uncond_prefix_ids,
@@ -488,7 +503,7 @@ def beam_search(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefix_em
         raise TuwenError(f"num_return_sequences ({R}) must be in 1..num_beams ({K})")
     if P + T - 1 > cfg.block_size:
         raise TuwenError(f"prefix ({P}) + max_new_tokens ({T}) - 1 exceeds block_size ({cfg.block_size})")
-    _check_offsets(model, token_offset, allowed, pad_id, eos_id)
+    allowed = _check_offsets(model, token_offset, allowed, pad_id, eos_id)
     dev = model.tok_emb.weight.device
     ids = prefix_ids.to(dev) if prefix_ids is not None else None
     emb = prefix_embeds.to(dev) if prefix_embeds is not None else None

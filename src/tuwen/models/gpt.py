@@ -42,6 +42,8 @@ from ..config import BaseConfig
 from ..errors import TuwenError
 from ..hub import PretrainedModel
 
+__all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS"]
+
 # name -> (n_layer, n_head, n_embd). base/large are the EasyNLP ARTIST / pai-painter sizes.
 PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (2, 2, 64),
