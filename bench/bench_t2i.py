@@ -1,0 +1,124 @@
+"""Text→image sampling speed: tuwen's ``generate`` (KV cache; on CUDA a static cache + CUDA-graph step) against
+the naive loop EasyNLP uses (the full forward re-run over the whole sequence at every step), same weights, same
+run. Codes only (the VQGAN decode is the same for both and is timed by bench/bench_vqgan.py).
+
+Text→image shape of pai-painter: a 32-token text prefix, 256 sampled image codes, vocab 37512 (21128 text + 16384
+image), block 288, head over the 16384 image codes; random weights (speed does not depend on them).
+
+    OMP_NUM_THREADS=2 python bench/bench_t2i.py                       # CPU: tiny and base at batch 1 and 64
+    python bench/bench_t2i.py --device cuda --dtype bf16              # GPU: adds graph on/off rows for each config
+    python bench/bench_t2i.py --configs base --batches 1 --naive full # run EasyNLP's loop in full (~80 s on CPU)
+
+Columns: ms/image and images/s (batch time / B), and the speed-up over the naive loop at the same config and batch.
+On CPU the naive loop for ``base`` is *estimated* (``--naive auto``) from full forwards timed at 5 lengths and
+interpolated over the 256 steps, because running it takes minutes; ``--naive full`` times it for real.
+Targets (issue 4): CPU 2 cores, base, B=1 ≤ 5 s per image; GPU ≥ 20× over naive at B=1 (base), ≥ 500 images/s at
+B=64 on one H100.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from tuwen.models.gpt import GPT, GPTConfig
+from tuwen.sampling import generate, generate_naive
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def naive_estimate(model, B, P, n_tok, device, repeats):
+    """Seconds of the naive loop (one full forward per step), from forwards timed at a few lengths."""
+    lengths = sorted({P, P + n_tok // 4, P + n_tok // 2, P + 3 * n_tok // 4, P + n_tok - 1})
+    times = {}
+    with torch.inference_mode():
+        for L in lengths:
+            x = torch.randint(0, model.config.n_out, (B, L), device=device)
+            model(x)  # warm-up
+            times[L] = timed(lambda: model(x), device, repeats)
+    total = 0.0
+    for L in range(P, P + n_tok):
+        lo = max(k for k in lengths if k <= L)
+        hi = min(k for k in lengths if k >= L)
+        w = 0.0 if hi == lo else (L - lo) / (hi - lo)
+        total += times[lo] * (1 - w) + times[hi] * w
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="tiny,base")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--text-len", type=int, default=32)
+    ap.add_argument("--num-tokens", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--naive", default="auto", choices=["auto", "full", "estimate", "off"],
+                    help="auto: full on CUDA and for tiny on CPU, estimated for larger configs on CPU")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
+    print(f"torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+             else f", {torch.get_num_threads()} threads")
+          + f", {str(dtype).replace('torch.', '')}, prefix {args.text_len} + {args.num_tokens} codes, "
+            f"top_k {args.top_k}")
+    head = f"{'config':<6} {'B':>3} {'params':>7} {'mode':<18} {'ms/image':>10} {'images/s':>9} {'vs naive':>9}"
+    print(head)
+    print("-" * len(head))
+    for name in args.configs.split(","):
+        torch.manual_seed(0)
+        cfg = GPTConfig.preset(name, vocab_size=37512, block_size=args.text_len + args.num_tokens, n_out=16384)
+        model = GPT(cfg).to(device=device, dtype=dtype).eval()
+        for B in [int(b) for b in args.batches.split(",")]:
+            prefix = torch.randint(16384, 37512, (B, args.text_len), device=device)
+            kw = dict(prefix_ids=prefix, seeds=torch.arange(B), top_k=args.top_k, num_tokens=args.num_tokens)
+            modes = [("kv-cache+graph", dict(use_cuda_graph="auto")),
+                     ("kv-cache (eager)", dict(use_cuda_graph=False, static_cache=True))] \
+                if device.type == "cuda" else [("kv-cache", dict(use_cuda_graph=False))]
+            rows = []
+            for mode, extra in modes:
+                generate(model, **{**kw, "num_tokens": 4}, **extra)  # warm-up (and graph capture)
+                rows.append((mode, timed(lambda: generate(model, **kw, **extra), device, args.repeats)))
+            naive = args.naive
+            if naive == "auto":
+                naive = "full" if (device.type == "cuda" or name in ("tiny", "small")) else "estimate"
+            t_naive = None
+            if naive == "full":
+                generate_naive(model, **{**kw, "num_tokens": 4})
+                t_naive = timed(lambda: generate_naive(model, **kw), device, 1)
+                rows.append(("naive (EasyNLP)", t_naive))
+            elif naive == "estimate":
+                t_naive = naive_estimate(model, B, args.text_len, args.num_tokens, device, args.repeats)
+                rows.append(("naive (estimated)", t_naive))
+            for mode, t in rows:
+                ratio = f"{t_naive / t:>8.1f}x" if t_naive else f"{'-':>9}"
+                print(f"{name:<6} {B:>3} {model.num_params() / 1e6:>6.1f}M {mode:<18} {t / B * 1e3:>10.1f} "
+                      f"{B / t:>9.2f} {ratio}", flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
