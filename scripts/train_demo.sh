@@ -10,6 +10,7 @@ W=${1:-runs/demo}
 DEVICE=${DEVICE:-auto}
 EXPORT=${EXPORT:-1}
 VQ_STEPS=${VQ_STEPS:-2000}
+VQ2_STEPS=${VQ2_STEPS:-1000}
 GPT_STEPS=${GPT_STEPS:-4000}
 mkdir -p "$W"
 SCHEMA=idx:str:1,text:str:1,imgbase64:str:1
@@ -18,12 +19,17 @@ SCHEMA=idx:str:1,text:str:1,imgbase64:str:1
 #    (red triangle, yellow circle, blue square, purple rectangle) and written to holdout.tsv.
 [ -f "$W/data/meta.json" ] || tuwen data synth --out "$W/data" --size 64 --n 20000 --seed 0 --holdout
 
-# 2. VQGAN image tokenizer: tiny preset (f8: 64 px → 8×8 codes, 512-entry codebook), L1 + 2·L2 + perceptual-free,
-#    dead-code restarts; no discriminator (shapes on flat backgrounds do not need one).
-[ -f "$W/vq/model.safetensors" ] || tuwen vq train --tables "$W/data/train.tsv,$W/data/val.tsv" \
-  --input_schema $SCHEMA --second_sequence imgbase64 --checkpoint_dir "$W/vq" --preset tiny --size 64 \
+# 2. VQGAN image tokenizer: tiny preset (f8: 64 px → 8×8 codes, 512-entry codebook), L1 + 2·L2, dead-code
+#    restarts, no discriminator (flat shapes on plain backgrounds do not need one); then a second, lower-lr stage.
+[ -f "$W/vq1/model.safetensors" ] || tuwen vq train --tables "$W/data/train.tsv,$W/data/val.tsv" \
+  --input_schema $SCHEMA --second_sequence imgbase64 --checkpoint_dir "$W/vq1" --preset tiny --size 64 \
   --micro_batch_size 32 --learning_rate 1e-3 --lr_schedule cosine --max_steps "$VQ_STEPS" --l2_weight 2 \
   --dead_code_steps 50 --logging_steps 100 --save_checkpoint_steps 500 --device "$DEVICE" --no_progress
+[ -f "$W/vq/model.safetensors" ] || tuwen vq train --tables "$W/data/train.tsv,$W/data/val.tsv" \
+  --input_schema $SCHEMA --second_sequence imgbase64 --checkpoint_dir "$W/vq" --init "$W/vq1" --preset tiny \
+  --size 64 --micro_batch_size 32 --learning_rate 4e-4 --warmup_proportion 0.01 --lr_schedule cosine \
+  --max_steps "$VQ2_STEPS" --l2_weight 2 --dead_code_steps 50 --logging_steps 100 --save_checkpoint_steps 500 \
+  --device "$DEVICE" --no_progress
 
 # 3. pre-tokenize the images once (the GPT then trains on codes, not pixels)
 for s in train val; do
@@ -36,9 +42,9 @@ done
 [ -f "$W/t2i/model.safetensors" ] || tuwen --mode=train --app_name=text2image_generation \
   --tables="$W/codes_train,$W/codes_val" --input_schema=$SCHEMA --first_sequence=text --second_sequence=imgbase64 \
   --checkpoint_dir="$W/t2i" --learning_rate=1e-3 --epoch_num=100 --max_steps="$GPT_STEPS" --random_seed=42 \
-  --logging_steps=100 --save_checkpoint_steps=1000 --micro_batch_size=64 --lr_schedule cosine --device "$DEVICE" \
+  --logging_steps=50 --save_checkpoint_steps=1000 --micro_batch_size=64 --lr_schedule cosine --device "$DEVICE" \
   --no_progress --user_defined_parameters="size=64 text_len=32 img_len=64 img_vocab_size=512 vqgan_ckpt_path=$W/vq \
-n_layer=4 n_head=4 n_embd=256 dropout=0.0 cfg_drop_prob=0.1 top_k=16"
+n_layer=4 n_head=4 n_embd=256 dropout=0.0 cfg_drop_prob=0.1"
 
 # 5. attribute accuracy of generated images on held-out combinations and on seen ones (test prompts)
 for s in holdout test; do

@@ -230,7 +230,7 @@ def test_seed_train_writes_a_complete_model_folder(trained):
     assert m.config.cfg_drop_prob == 0.1 and m.config.text_len == 12
 
 
-def test_seed_finetune_predict_evaluate(tmp_path, trained, data_dir):
+def test_seed_finetune_predict_evaluate(tmp_path, trained, data_dir, capsys):
     ft = tmp_path / "finetune"
     udp = f"pretrain_model_name_or_path={trained} size=32 text_len=12 img_len=16 img_vocab_size=64"
     assert main(seed_train_cmd(data_dir, ft, udp, ["--max_steps=4"])) == 0
@@ -257,8 +257,13 @@ def test_seed_finetune_predict_evaluate(tmp_path, trained, data_dir):
     rc = main(["--mode=evaluate", f"--tables={data_dir}/val.tsv", f"--input_schema={SCHEMA}",
                "--first_sequence=text", "--second_sequence=imgbase64", f"--checkpoint_dir={ft}",
                "--app_name=text2image_generation", "--micro_batch_size=8", "--metric=attributes",
-               "--user_defined_parameters=eval_num=4"])
+               "--user_defined_parameters=eval_num=8"])
     assert rc == 0
+    printed = capsys.readouterr().out
+    res = json.loads(printed[printed.rindex("\n{\n") + 1:] if "\n{\n" in printed else printed[printed.index("{"):])
+    assert res["attributes_prompts"] == 8 and 0 <= res["attributes"]["object"] <= 1
+    assert res["attributes_real_images"]["object"] == 1.0              # the checker accepts the real images
+    assert res["attributes_random_images"]["object"] < 0.5             # and rejects mismatched ones
 
 
 def test_pretokenized_codes_training(tmp_path, data_dir, vqgan_dir):

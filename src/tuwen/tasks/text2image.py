@@ -806,25 +806,43 @@ def attribute_accuracy(model: TextToImage, table: str, args, udp: dict) -> dict:
     from ..data.synth import parse_caption
     from ..data.tables import BadRow, open_source
 
-    text_col = args.first_sequence or "text"
+    from PIL import Image
+
+    from ..data.images import load_image
+
+    text_col, image_col = args.first_sequence or "text", args.second_sequence or "imgbase64"
     src = open_source(table, args.input_schema or "idx:str:1,text:str:1,imgbase64:str:1", args.skip_first_line,
                       text_col=text_col)
-    prompts, keys = [], []
+    prompts, keys, real = [], [], []
     for i in range(len(src)):
         r = src.row(i)
         if isinstance(r, BadRow) or parse_caption(r.get(text_col, "")) is None:
             continue
         prompts.append(r[text_col])
         keys.append(r.get("idx", i))
+        if real is not None and r.get(image_col):
+            try:
+                real.append(Image.fromarray(load_image(r[image_col], model.config.image_size)))
+            except Exception:  # noqa: BLE001 - a bad image only removes the real-image reference figure
+                real = None
+        else:
+            real = None
         if len(prompts) >= udp["eval_num"]:
             break
     if not prompts:
         raise TuwenError(f"--metric attributes: no prompt of {table} is a synthetic-set caption")
     seed = udp["seed"] if udp["seed"] is not None else args.random_seed
     imgs = model.generate(prompts, seed=seed, keys=keys, **_generation_kwargs(model, udp))
+    keep = ("color", "shape", "position", "object", "image")
     res = checker.score([g[0] for g in imgs], prompts)
-    return {"attributes": {k: res[k] for k in ("color", "shape", "position", "object", "image") if k in res},
-            "attributes_prompts": len(prompts)}
+    out = {"attributes": {k: res[k] for k in keep if k in res}, "attributes_prompts": len(prompts)}
+    if real:
+        # references: the table's own images (the ceiling), and the same images paired with other prompts
+        # (what an image that ignores its prompt scores: the chance level of this prompt distribution)
+        ref = checker.score(real, prompts, shuffled=True)
+        out["attributes_real_images"] = {k: ref[k] for k in keep if k in ref}
+        out["attributes_random_images"] = {k: ref["shuffled"][k] for k in keep if k in ref["shuffled"]}
+    return out
 
 
 def run_easynlp(args) -> int:
