@@ -15,10 +15,10 @@ from .errors import TuwenError
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo_t2i"
 
-# prompts: seen combinations, then held-out (color, shape) pairs never seen in training (see assets/.../README)
+# prompts: seen combinations and (color, shape) pairs held out of training (listed in assets/demo_t2i/demo.json)
 DEMO_PROMPTS = [
     "左上角有一个红色的圆形",
-    "中间有一个蓝色的正方形",
+    "中间有一个蓝色的正方形",          # held out of training
     "右下角有一个绿色的三角形",
     "左侧有一个黄色的长方形，右上角有一个紫色的圆形",
     "下方有一个青色的正方形",
