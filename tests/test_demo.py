@@ -20,7 +20,7 @@ def test_shipped_demo_model_is_complete_and_small():
     assert ("red", "triangle") in holdout and ("yellow", "circle") in holdout
     m = TextToImage.from_pretrained(path)
     assert all(p.dtype == torch.float32 for p in m.parameters())        # stored fp16, computed in fp32
-    assert m.config.size == 64 and m.vqgan.config.resolution == 64
+    assert m.config.image_size == 64 and m.vqgan.config.resolution == 64
 
 
 def test_tuwen_demo_generates_what_the_prompts_say(tmp_path, capsys):

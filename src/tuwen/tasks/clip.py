@@ -852,7 +852,7 @@ def _predict(args, p: dict) -> int:
     need_text = bool(wanted & {"score", "logit", "text_embedding"})
     need_image = bool(wanted & {"score", "logit", "image_embedding"})
     src = _open(tables[0], args, text_col if need_text else None, image_col if need_image else None)
-    size, scale = model.config.image_size, float(model.logit_scale.exp())
+    size, scale = model.config.image_size, float(model.logit_scale.detach().exp())
 
     @torch.inference_mode()
     def predict_batch(rows: list[dict], indices: list[int]) -> list[dict]:
