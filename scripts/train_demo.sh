@@ -49,7 +49,7 @@ n_layer=4 n_head=4 n_embd=256 dropout=0.0 cfg_drop_prob=0.1"
 # 5. attribute accuracy of generated images on held-out combinations and on seen ones (test prompts)
 for s in holdout test; do
   tuwen --mode=evaluate --app_name=text2image_generation --tables="$W/data/$s.tsv" --input_schema=$SCHEMA \
-    --first_sequence=text --second_sequence=imgbase64 --checkpoint_dir="$W/t2i" --micro_batch_size=64 \
+    --first_sequence=text --second_sequence=imgbase64 --checkpoint_dir="$W/t2i" --micro_batch_size=64 --random_seed=0 \
     --metric attributes --device "$DEVICE" --user_defined_parameters="eval_num=256 max_generated_num=1" \
     | tee "$W/eval_$s.txt"
 done
@@ -63,12 +63,14 @@ from tuwen.demo import DEMO_DIR
 from tuwen.tasks.text2image import TextToImage
 w = Path(sys.argv[1])
 m = TextToImage.from_pretrained(w / "t2i").half()
+m.config.top_k, m.config.guidance_scale = 16, 2.0     # generation defaults, chosen on val prompts
 if DEMO_DIR.exists():
     shutil.rmtree(DEMO_DIR)
 m.save_pretrained(DEMO_DIR)
 meta = json.loads((w / "data" / "meta.json").read_text(encoding="utf-8"))
-(DEMO_DIR / "demo.json").write_text(json.dumps({"holdout": meta["holdout"], "recipe": "scripts/train_demo.sh"},
-                                               indent=1) + "\n", encoding="utf-8")
+(DEMO_DIR / "demo.json").write_text(json.dumps({"holdout": meta["holdout"], "recipe": "scripts/train_demo.sh",
+    "generation": {"top_k": 16, "guidance_scale": 2.0, "chosen_on": "val prompts (seen combinations)"}},
+    indent=1) + "\n", encoding="utf-8")
 print("exported to", DEMO_DIR)
 EOF
 fi
