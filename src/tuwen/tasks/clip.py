@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BaseConfig, Param, parse_user_defined_parameters
-from ..errors import TuwenError
+from ..errors import TuwenError, read_text_lines
 from ..hub import PretrainedModel
 from ..models.text_encoder import TextEncoder, TextEncoderConfig
 from ..models.vit import CLIP_MEAN, CLIP_STD, ViTConfig, VisionTransformer, to_uint8_batch, uint8_to_input
@@ -708,13 +708,7 @@ def embed_rows(model: CLIP, source, text_col: str | None, image_col: str | None,
 
 def read_class_prompts(path: str, template: str = "{}") -> list[tuple[str, list[str]]]:
     """``label[<TAB>prompt<TAB>prompt…]`` lines → [(label, prompts)]; a label alone uses ``template``."""
-    f = Path(path)
-    try:
-        lines = f.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise TuwenError(f"class_prompts={path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise TuwenError(f"class_prompts={path}: not UTF-8 (byte {e.start})") from None
+    lines = read_text_lines(path, f"class_prompts={path}")
     classes, seen = [], set()
     for n, line in enumerate(lines, 1):
         parts = [x.strip() for x in line.split("\t")]

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, Protocol, Sequence
 
 import torch
 
-from ..errors import TuwenError
+from ..errors import TuwenError, read_text_lines
 
 
 class Scorer(Protocol):
@@ -217,12 +217,7 @@ def rerank_file(scorer: Scorer, input_path: str | Path, output=None, batch_size:
 
     report = report if report is not None else BadRowReport()
     inp = Path(input_path).expanduser()
-    try:
-        raw_lines = inp.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise TuwenError(f"--input {inp}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise TuwenError(f"--input {inp}: not UTF-8 (byte {e.start})") from None
+    raw_lines = read_text_lines(inp, f"--input {inp}")
     base = inp.parent
     jobs: list[tuple[int, str, list[Path]]] = []
     for n, line in enumerate(raw_lines, 1):

@@ -14,7 +14,7 @@ import string
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..errors import TuwenError
+from ..errors import TuwenError, read_text_lines
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB_NAME = "vocab.txt"
@@ -87,12 +87,7 @@ class TextTokenizer:
     @classmethod
     def from_vocab_file(cls, path: str | Path, **kw) -> "TextTokenizer":
         path = Path(path)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise TuwenError(f"{path}: vocabulary file not found") from None
-        except UnicodeDecodeError as e:
-            raise TuwenError(f"{path}: not UTF-8 (byte {e.start})") from None
+        lines = read_text_lines(path, str(path), what="vocabulary file")
         vocab: dict[str, int] = {}
         for i, tok in enumerate(lines):
             tok = tok.rstrip("\r")
