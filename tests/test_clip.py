@@ -124,7 +124,7 @@ def test_training_module_forward_backward():
 def _dist_worker(out_dir: str) -> None:
     import torch.distributed as dist
 
-    from tuwen.training import dist as D
+    from tuwen import runtime as D
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

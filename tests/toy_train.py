@@ -14,7 +14,7 @@ from torch import nn
 
 from tuwen.data.tables import BadRow
 from tuwen.training.trainer import Task, TrainArgs, Trainer, unwrap
-from tuwen.training import dist as D
+from tuwen import runtime as D
 
 
 class ToyData:

@@ -59,7 +59,7 @@ def run_demo(out: str | Path = "tuwen_demo", n: int = 4, seed: int = 0, prompts:
     """Generate ``n`` images per demo prompt, write them with grids + index.html, score them with the checker."""
     from .data import checker
     from .tasks.text2image import TextToImage, write_images
-    from .training.dist import init_distributed
+    from .runtime import init_distributed
 
     t0 = time.time()
     prompts = prompts or DEMO_PROMPTS

@@ -65,6 +65,18 @@ def resolve_model_path(name_or_path: str | os.PathLike, what: str = "model",
 
 # ----------------------------------------------------------------------------------------------- atomic writes
 
+def read_model_type(folder: str | os.PathLike) -> str | None:
+    """The ``model_type`` in ``folder/config.json``; None when there is no readable config or no such field."""
+    cfg = Path(folder) / CONFIG_NAME
+    if not cfg.is_file():
+        return None
+    try:
+        value = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def atomic_write(path: str | Path, write_fn) -> None:
     """Call ``write_fn(tmp_path)`` then rename tmp over ``path`` (same folder, so the rename is atomic)."""
     path = Path(path)

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..errors import TuwenError
     from ..tasks.captioning import Captioner, frames_of
-    from ..training.dist import init_distributed
+    from ..runtime import init_distributed
 
     over = {}
     if args.frame_num is not None:

@@ -31,7 +31,7 @@ def run(a: argparse.Namespace) -> int:
 
     from ..errors import TuwenError
     from ..tasks.text2image import TextToImage, write_images
-    from ..training.dist import init_distributed
+    from ..runtime import init_distributed
 
     if a.num_images < 1:
         raise TuwenError("-n/--num_images must be ≥ 1")

@@ -1101,7 +1101,7 @@ def load_for_inference(path: str, udp: dict, video: bool | None = None, device: 
                        vq: bool = False) -> Captioner:
     """Load a captioner for predict/evaluate/pipelines: EasyNLP folders get their sizes from ``udp``; tuwen folders
     are checked against them."""
-    from ..training.dist import init_distributed
+    from ..runtime import init_distributed
     dev = init_distributed(_device_flag(device, udp))
     p = resolve_model_path(path, what="captioner")
     raw = _read_json(p / CONFIG_NAME) if p.is_dir() else {}

@@ -65,7 +65,7 @@ from ..hub import PretrainedModel
 from ..models.text_encoder import TextEncoder, TextEncoderConfig
 from ..models.vit import CLIP_MEAN, CLIP_STD, ViTConfig, VisionTransformer, to_uint8_batch, uint8_to_input
 from ..text.tokenizer import TextTokenizer
-from ..training import dist as D
+from .. import runtime as D
 from ..training.trainer import Task
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)   # 2.6593

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 from ..data.tables import BadRow, BadRowError, BadRowReport, RowSource
 from ..errors import TuwenError
 from ..hub import atomic_write_text
-from ..training import dist as D
+from .. import runtime as D
 
 
 def format_value(v: Any) -> str:

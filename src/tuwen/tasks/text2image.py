@@ -653,7 +653,7 @@ def check_seed_udp_against_config(udp: dict, cfg: TextToImageConfig) -> None:
 
 
 def load_for_inference(path: str, udp: dict, device: str = "auto") -> TextToImage:
-    from ..training.dist import init_distributed
+    from ..runtime import init_distributed
     dev = init_distributed(device)
     kw = {}
     if udp.get("vqgan_config"):

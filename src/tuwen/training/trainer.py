@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..data.tables import BadRow, BadRowError, BadRowReport, collate_skip_bad
 from ..errors import TuwenError
 from ..hub import atomic_torch_save, atomic_write_text
-from . import dist as D
+from .. import runtime as D
 
 CKPT_DIR = "checkpoints"
 LOG_NAME = "train_log.jsonl"
