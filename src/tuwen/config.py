@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import TuwenError
+from .fileio import atomic_write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: composite configs nest typed sub-configs (gpt, vit); version 1 folders still load
 
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f"}
@@ -128,6 +129,8 @@ class BaseConfig:
             raise TuwenError(
                 f"{source}: format_version {fv!r} is newer than this tuwen understands ({FORMAT_VERSION}); upgrade tuwen"
             )
+        if fv < FORMAT_VERSION:
+            d = cls.upgrade(d, fv, source)
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -145,8 +148,19 @@ class BaseConfig:
             obj.validate()
         return obj
 
+    @classmethod
+    def upgrade(cls, d: dict, version: int, source: str) -> dict:
+        """Turn the fields of a config written with an older ``format_version`` into this version's fields.
+
+        The default keeps them as they are; composite configs whose layout changed override it.
+        """
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path, **overrides):

@@ -5,11 +5,8 @@ Also: atomic file writes, strict state-dict loading with a readable report, and 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
@@ -18,6 +15,7 @@ from torch import nn
 
 from .config import BaseConfig
 from .errors import TuwenError
+from .fileio import atomic_dir, atomic_torch_save, atomic_write, atomic_write_text  # noqa: F401  (re-exported)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -63,7 +61,7 @@ def resolve_model_path(name_or_path: str | os.PathLike, what: str = "model",
     )
 
 
-# ----------------------------------------------------------------------------------------------- atomic writes
+# ----------------------------------------------------------------------------------------------- model folders
 
 def read_model_type(folder: str | os.PathLike) -> str | None:
     """The ``model_type`` in ``folder/config.json``; None when there is no readable config or no such field."""
@@ -75,52 +73,6 @@ def read_model_type(folder: str | os.PathLike) -> str | None:
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
-
-
-def atomic_write(path: str | Path, write_fn) -> None:
-    """Call ``write_fn(tmp_path)`` then rename tmp over ``path`` (same folder, so the rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda t: Path(t).write_text(text, encoding="utf-8"))
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    atomic_write(path, lambda t: torch.save(obj, t))
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path):
-    """Build a folder under a temporary name, then swap it in for ``path`` (for component sub-folders)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------- weights
