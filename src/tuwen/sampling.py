@@ -20,13 +20,15 @@ Token spaces: the model *outputs* ids in ``0..n_out-1`` (its head). Returned tok
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .config import BaseConfig
 from .errors import TuwenError
 from .models.gpt import GPT, KVCache
 
@@ -645,3 +647,42 @@ def score_sequences(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefi
     if target_mask is not None:
         logp = logp * target_mask.to(dev, logp.dtype)
     return logp if per_token else logp.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------- parameters
+
+@dataclasses.dataclass
+class SamplingParams(BaseConfig):
+    """How to pick tokens: a model folder saves its defaults, and each call may replace any of them.
+
+    ``params.replace(top_k=None)`` switches top-k off; a field that is not named keeps its value. Text→image uses
+    top_k/top_p/temperature/guidance_scale; captioning also num_beams/length_penalty/no_repeat_ngram_size.
+    """
+
+    model_type: ClassVar[str] = "sampling"
+
+    top_k: int | None = None             # keep the k most likely tokens (None: all)
+    top_p: float | None = None           # nucleus: smallest set with this much probability (None: off)
+    temperature: float = 1.0
+    guidance_scale: float | None = None  # classifier-free guidance (None or 1: off)
+    num_beams: int = 1                   # captioning: beam search when > 1
+    length_penalty: float = 1.0          # beam search: score / length ** length_penalty
+    no_repeat_ngram_size: int = 0        # captioning: forbid repeating n-grams of this size (0: off)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        _check_sampling_args(self.temperature, self.top_k, self.top_p)
+        if self.num_beams < 1:
+            raise TuwenError(f"num_beams must be ≥ 1, got {self.num_beams}")
+        if self.no_repeat_ngram_size < 0:
+            raise TuwenError(f"no_repeat_ngram_size must be ≥ 0, got {self.no_repeat_ngram_size}")
+
+    def replace(self, **changes) -> "SamplingParams":
+        """A copy with ``changes`` applied; unknown names are an error that lists the known ones."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TuwenError(f"unknown sampling setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return dataclasses.replace(self, **changes)

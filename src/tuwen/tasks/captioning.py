@@ -1136,7 +1136,7 @@ def _row_pixels(model: Captioner, rows: list[dict], image_col: str, udp: dict, s
 
 def run_predict(args, udp: dict, video: bool, vq: bool) -> int:
     from ..data.tables import open_source
-    from .predict import parse_columns, run_predict as _run
+    from ..cli.predict import parse_columns, run_predict as _run
 
     if not args.checkpoint_dir:
         raise TuwenError("--checkpoint_dir is required for --mode=predict (the captioner folder)")

@@ -835,7 +835,7 @@ PREDICT_ALIASES = {"text_feat": "text_embedding", "image_feat": "image_embedding
 
 
 def _predict(args, p: dict) -> int:
-    from .predict import RowError, parse_columns, run_predict
+    from ..cli.predict import RowError, parse_columns, run_predict
 
     text_col, image_col = _columns(args)
     tables = _split_tables(args.tables)

@@ -696,7 +696,7 @@ def write_images(out_dir: Path, key: Any, images: list, scores: list[float] | No
 def run_predict(args, udp: dict) -> int:
     from ..data.images import encode_png_b64
     from ..data.tables import open_source
-    from .predict import parse_columns, run_predict as _run
+    from ..cli.predict import parse_columns, run_predict as _run
 
     if not args.checkpoint_dir:
         raise TuwenError("--checkpoint_dir is required for --mode=predict (the model folder)")

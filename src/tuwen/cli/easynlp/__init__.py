@@ -10,15 +10,15 @@ import argparse
 import importlib
 import sys
 
-from ..errors import TuwenError
-from .common import add_data_flags, add_predict_flags, add_train_flags
+from ...errors import TuwenError
+from ..common import add_data_flags, add_predict_flags, add_train_flags
 
 # app name (EasyNLP --app_name, matched by prefix like EasyNLP does) -> task module
 APPS = {
-    "text2image_generation": "tuwen.tasks.text2image",
-    "image2text_generation": "tuwen.tasks.captioning",
-    "video2text_generation": "tuwen.tasks.captioning",
-    "clip": "tuwen.tasks.clip",
+    "text2image_generation": "tuwen.cli.easynlp.text2image",
+    "image2text_generation": "tuwen.cli.easynlp.captioning",
+    "video2text_generation": "tuwen.cli.easynlp.captioning",
+    "clip": "tuwen.cli.easynlp.clip",
 }
 
 IGNORED = ("worker_gpu", "worker_count", "master_port", "worker_hosts", "local_rank", "distributed_backend",
