@@ -134,23 +134,33 @@ class TextTokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 1,
               lowercase: bool = True) -> "TextTokenizer":
-        """Build a vocabulary from training texts: special tokens, every character seen, then WordPieces."""
+        """Build a vocabulary from training texts: special tokens, every character seen, then WordPieces.
+
+        ``texts`` is read once, as a stream (the ``tokenizers`` trainer keeps word counts, not the texts), so a
+        table of any size trains in bounded memory. Every character of the (normalised) texts is in the
+        vocabulary, as are ASCII letters, digits, punctuation and common CJK punctuation, even beyond
+        ``vocab_size``.
+        """
         from tokenizers import BertWordPieceTokenizer
 
-        texts = list(texts)
-        chars = {c for t in texts for c in t if not c.isspace()}
-        chars |= set(string.ascii_lowercase + string.digits + string.punctuation) | set(_COMMON_CJK_PUNCT)
-        chars = sorted(chars)
-        if lowercase:
-            chars = sorted({c.lower() for c in chars})
+        base = sorted(set(string.ascii_lowercase + string.digits + string.punctuation) | set(_COMMON_CJK_PUNCT))
+        if not lowercase:
+            base = sorted(set(base) | set(string.ascii_uppercase))
+        seen = [0]
+
+        def stream():
+            for t in texts:
+                seen[0] += 1
+                yield t
+
         tok = BertWordPieceTokenizer(lowercase=lowercase, handle_chinese_chars=True, clean_text=True)
-        tok.train_from_iterator(texts, vocab_size=max(vocab_size, len(chars) + len(SPECIAL_TOKENS) + 1),
-                                min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-                                limit_alphabet=max(1000, len(chars) + 10), initial_alphabet=chars,
+        tok.train_from_iterator(stream(), vocab_size=vocab_size, min_frequency=min_frequency,
+                                special_tokens=SPECIAL_TOKENS, limit_alphabet=1 << 30, initial_alphabet=base,
                                 show_progress=False)
-        vocab = tok.get_vocab()
+        if not seen[0]:
+            raise TuwenError("cannot build a vocabulary: no training texts")
         # keep [PAD]=0 and the special tokens first, in a stable order
-        ordered = sorted(vocab.items(), key=lambda kv: kv[1])
+        ordered = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
         return cls({t: i for t, i in ordered}, lowercase=lowercase, source="trained vocabulary")
 
     # ---------------------------------------------------------------- encode / decode
