@@ -263,6 +263,11 @@ class Table(RowSource):
         k, j = self._locate(i)
         return self._read(k, int(self._starts[k][j]))
 
+    def raw_offset(self, i: int) -> int:
+        """The byte offset of row ``i`` in its file."""
+        k, j = self._locate(i)
+        return int(self._starts[k][j])
+
     def row(self, i: int) -> dict | BadRow:
         raw = self.raw(i)
         try:
@@ -270,6 +275,8 @@ class Table(RowSource):
         except UnicodeDecodeError as e:
             return self.bad(i, f"invalid UTF-8 at byte {e.start}")
         line = line.rstrip("\n").rstrip("\r")
+        if line.startswith("\ufeff") and self.raw_offset(i) == 0:  # a UTF-8 byte-order mark opens the file
+            line = line[1:]
         fields = line.split("\t")
         if len(fields) < len(self.schema):
             return self.bad(i, f"expected {len(self.schema)} tab-separated columns ({','.join(self.columns)}), "
@@ -382,8 +389,11 @@ class ConcatSource(RowSource):
 
 def open_source(tables: str | Sequence[str], schema: str | Sequence[Column] | None, skip_first_line: bool = False,
                 idx_col: str = "idx", text_col: str = "text", image_col: str = "image",
-                flag: str = "--tables") -> RowSource:
-    """TSV files and/or image folders (comma-separated) as one RowSource."""
+                flag: str = "--tables", require_text: bool = True) -> RowSource:
+    """TSV files and/or image folders (comma-separated) as one RowSource.
+
+    ``require_text=False``: image folders without ``.txt`` captions are read too (image-only work: VQ training,
+    encoding); their rows have an empty text."""
     if isinstance(tables, str):
         tables = [t for t in tables.split(",") if t.strip()]
     if not tables:
@@ -401,7 +411,7 @@ def open_source(tables: str | Sequence[str], schema: str | Sequence[Column] | No
     for t in tables:
         if Path(t).expanduser().is_dir():
             flush()
-            sources.append(ImageFolder(t, idx_col, text_col, image_col))
+            sources.append(ImageFolder(t, idx_col, text_col, image_col, require_text=require_text))
         else:
             pending.append(t)
     flush()
