@@ -80,3 +80,70 @@ def test_dev_stdout_through_a_pipe_stays_a_link(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "piped\n", r.stderr
     assert os.path.islink("/dev/stdout")
+
+
+# ----------------------------------------------------------------------------------------------- locks, leftovers, checksums
+
+def _lock_in_child(folder, hold_s: float):
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from tuwen.fileio import DirLock; l = DirLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(float(sys.argv[2]))")
+    p = subprocess.Popen([sys.executable, "-c", code, str(folder), str(hold_s)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_dir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
+    from tuwen.fileio import DirLock
+
+    child = _lock_in_child(tmp_path, 60)
+    try:
+        with pytest.raises(TuwenError, match=rf"in use by another run \(pid {child.pid} on "):
+            DirLock(tmp_path).acquire()
+    finally:
+        child.kill()
+        child.wait()
+    notes = []
+    lock = DirLock(tmp_path).acquire(warn=notes.append)   # the dead run's lock is taken over
+    assert notes and f"pid {child.pid}" in notes[0]
+    lock.release()
+    notes.clear()
+    DirLock(tmp_path).acquire(warn=notes.append).release()  # released cleanly: nothing to say
+    assert notes == []
+
+
+def test_clean_stale_tmp_removes_only_dead_writers_files(tmp_path):
+    from tuwen.fileio import clean_stale_tmp
+
+    dead = tmp_path / ".step-5.pt.999999999.abcd.tmp"
+    mine = tmp_path / f".step-6.pt.{os.getpid()}.abcd.tmp"
+    dead.write_bytes(b"x")
+    mine.write_bytes(b"y")
+    assert clean_stale_tmp(tmp_path) == [dead]
+    assert not dead.exists() and mine.exists()
+
+
+def test_checksums_catch_flipped_bits_truncation_and_empty_files(tmp_path):
+    from tuwen.fileio import verify_checksum, verify_folder_checksums, write_checksum, write_folder_checksums
+
+    p = tmp_path / "ck.pt"
+    p.write_bytes(bytes(range(256)) * 10)
+    assert verify_checksum(p) is None          # no checksum yet: accepted (files from older versions)
+    write_checksum(p)
+    assert verify_checksum(p) is None
+    data = bytearray(p.read_bytes())
+    data[100] ^= 1
+    p.write_bytes(bytes(data))
+    assert "sha256 mismatch" in verify_checksum(p)
+    p.write_bytes(bytes(data[:50]))
+    assert "truncated" in verify_checksum(p)
+    p.write_bytes(b"")
+    assert "empty" in verify_checksum(p)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "a.bin").write_bytes(b"abc")
+    write_folder_checksums(tmp_path / "m", ["a.bin"])
+    assert verify_folder_checksums(tmp_path / "m") == []
+    (tmp_path / "m" / "a.bin").write_bytes(b"abd")
+    assert "a.bin: sha256 mismatch" in verify_folder_checksums(tmp_path / "m")[0]
