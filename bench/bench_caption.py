@@ -19,7 +19,7 @@ import torch
 
 def build_random(device):
     from tuwen.models.vit import ViTConfig
-    from tuwen.tasks.captioning import Captioner, CaptionerConfig
+    from tuwen.models.captioner import Captioner, CaptionerConfig
     from tuwen.text.tokenizer import TextTokenizer
     from tuwen.data import synth
 
@@ -27,9 +27,9 @@ def build_random(device):
     texts = [synth.make_sample(random.Random(i), 16)[1] for i in range(200)]
     tok = TextTokenizer.train(texts, vocab_size=200)
     v = ViTConfig.preset("small")
-    cfg = CaptionerConfig(prefix_encoder="vit", img_len=v.num_patches, img_size=v.image_size, text_len=32,
-                          text_vocab_size=tok.vocab_size, n_layer=4, n_head=4, n_embd=128, vit=v.to_dict(),
-                          vit_proj=True)
+    cfg = CaptionerConfig.build(prefix_encoder="vit", img_len=v.num_patches, image_size=v.image_size, text_len=32,
+                                text_vocab_size=tok.vocab_size, n_layer=4, n_head=4, n_embd=128, vit=v,
+                                vit_proj=True)
     torch.manual_seed(0)
     return Captioner(cfg, tok).to(device).eval()
 
@@ -39,9 +39,9 @@ def inputs(model, n):
     from tuwen.data import synth
     c = model.config
     if c.video:
-        items = [synth.make_video_sample(random.Random(i), c.img_size, frame_num=c.frame_num)[0] for i in range(n)]
+        items = [synth.make_video_sample(random.Random(i), c.image_size, frame_num=c.frame_num)[0] for i in range(n)]
     else:
-        items = [synth.make_sample(random.Random(i), c.img_size)[0] for i in range(n)]
+        items = [synth.make_sample(random.Random(i), c.image_size)[0] for i in range(n)]
     return model.pixel_values(items)
 
 
@@ -71,8 +71,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tuwen import sampling
-    from tuwen.tasks.captioning import Captioner
+    from naive import generate_naive  # bench/naive.py (this script's folder is on sys.path)
+    from tuwen.models.captioner import Captioner
 
     dev = torch.device(args.device)
     model = Captioner.from_pretrained(args.model, device=dev) if args.model else build_random(dev)
@@ -80,7 +80,7 @@ def main() -> None:
     pv = inputs(model, args.n)
     what = "video clips" if c.video else "images"
     print(f"model: {args.model or 'random (synthetic recipe)'}; {c.prefix_encoder} prefix, {c.prefix_len} prefix "
-          f"positions, text_len {c.text_len}, GPT {c.n_layer}L/{c.n_embd}; {model.num_params() / 1e6:.2f} M params; "
+          f"positions, text_len {c.text_len}, GPT {c.gpt.n_layer}L/{c.gpt.n_embd}; {model.num_params() / 1e6:.2f} M params; "
           f"{args.n} {what}, batch {args.batch_size}, {dev}, {torch.get_num_threads()} thread(s)")
 
     def run(**kw):
@@ -90,8 +90,8 @@ def main() -> None:
         for s in range(0, pv.shape[0], args.batch_size):
             with torch.inference_mode():
                 pre = model.prefix_inputs(pv[s:s + args.batch_size])
-                sampling.generate_naive(model.gpt, **pre, num_tokens=c.text_len, seeds=0, top_k=1,
-                                        eos_id=model.end_id, pad_id=model.end_id)
+                generate_naive(model.gpt, **pre, num_tokens=c.text_len, seeds=0, top_k=1,
+                               eos_id=model.end_id, pad_id=model.end_id)
 
     rows = [("greedy (KV cache)", run(top_k=1)),
             ("sampling top_k=20 (KV cache)", run(top_k=20, temperature=1.0)),

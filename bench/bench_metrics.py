@@ -41,7 +41,7 @@ def make_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
 
 
 def default_specs(tmp: Path, size: int) -> list[str]:
-    from tuwen.tasks.clip import CLIP
+    from tuwen.models.clip import CLIP
     from tuwen.text.tokenizer import TextTokenizer
 
     specs = []

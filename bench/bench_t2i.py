@@ -23,7 +23,8 @@ import time
 import torch
 
 from tuwen.models.gpt import GPT, GPTConfig
-from tuwen.sampling import generate, generate_naive
+from naive import generate_naive  # bench/naive.py (this script's folder is on sys.path)
+from tuwen.sampling import generate
 
 
 def sync(device):

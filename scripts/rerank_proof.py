@@ -31,8 +31,8 @@ def main():
 
     from tuwen.data import checker
     from tuwen.demo import demo_model_path
-    from tuwen.tasks.rerank import load_scorer, order_by_score
-    from tuwen.tasks.text2image import TextToImage
+    from tuwen.rerank import load_scorer, order_by_score
+    from tuwen.models.text2image import TextToImage
 
     torch.manual_seed(0)
     model = TextToImage.from_pretrained(args.model or demo_model_path())

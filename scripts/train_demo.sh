@@ -60,10 +60,10 @@ if [ "$EXPORT" = 1 ]; then
 import json, shutil, sys
 from pathlib import Path
 from tuwen.demo import DEMO_DIR
-from tuwen.tasks.text2image import TextToImage
+from tuwen.models.text2image import TextToImage
 w = Path(sys.argv[1])
 m = TextToImage.from_pretrained(w / "t2i").half()
-m.config.top_k, m.config.guidance_scale = 16, 2.0     # generation defaults, chosen on val prompts
+m.config.sampling = m.config.sampling.replace(top_k=16, guidance_scale=2.0)  # generation defaults, chosen on val prompts
 if DEMO_DIR.exists():
     shutil.rmtree(DEMO_DIR)
 m.save_pretrained(DEMO_DIR)

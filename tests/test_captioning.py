@@ -22,8 +22,9 @@ from tuwen.errors import TuwenError
 from tuwen.models.gpt import GPT, GPTConfig, KVCache
 from tuwen.models.vit import ViTConfig, VisionTransformer
 from tuwen.models.vqgan import VQGAN, VQGANConfig
-from tuwen.tasks.captioning import (CaptionPipeline, Captioner, CaptionerConfig, caption_seed, fit_frames,
-                                    normalize_pixels)
+from tuwen.data.images import fit_frames
+from tuwen.models.captioner import Captioner, CaptionerConfig, caption_seed, normalize_pixels
+from tuwen.pipelines import CaptionPipeline
 from tuwen.text.tokenizer import TextTokenizer
 
 CAPS = ["红色", "左上角有一个蓝色的正方形", "下方有一个绿色的三角形"]
@@ -51,9 +52,10 @@ def tok():
 
 def _vit_cfg(tok, frame_num=0, n_embd=32, proj=True, text_len=12, **kw):
     v = ViTConfig.preset("tiny")  # 32 px, patch 8 → 16 patches, width 64, output 64
-    return CaptionerConfig(prefix_encoder="vit", frame_num=frame_num, img_len=4 if frame_num else v.num_patches,
-                           img_size=32, text_len=text_len, text_vocab_size=tok.vocab_size, n_layer=2, n_head=2,
-                           n_embd=n_embd, vit=v.to_dict(), vit_proj=proj, **kw)
+    return CaptionerConfig.build(prefix_encoder="vit", frame_num=frame_num,
+                                 img_len=4 if frame_num else v.num_patches, image_size=32, text_len=text_len,
+                                 text_vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=n_embd,
+                                 vit=v.to_dict(), vit_proj=proj, **kw)
 
 
 def _tiny_vqgan(seed=0) -> VQGAN:
@@ -108,8 +110,9 @@ def test_prefix_shapes(tok):
     tokens = mv.vit.forward_tokens(pv[0])[:, 0] @ mv.vit.proj
     assert torch.allclose(mv.gpt.embed_prefix(tokens[None]), mv.encode_images(pv[:1]), atol=1e-6)
     vq = _tiny_vqgan()
-    cfg = CaptionerConfig(prefix_encoder="vqgan", img_len=64, img_size=32, text_len=8, text_vocab_size=tok.vocab_size,
-                          img_vocab_size=64, n_layer=2, n_head=2, n_embd=32, vit=None)
+    cfg = CaptionerConfig.build(prefix_encoder="vqgan", img_len=64, image_size=32, text_len=8,
+                                text_vocab_size=tok.vocab_size, img_vocab_size=64, n_layer=2, n_head=2, n_embd=32,
+                                vit=None)
     mq = Captioner(cfg, tok, vqgan=vq)
     assert mq.gpt.config.vocab_size == tok.vocab_size + 64 + 1 and mq.gpt.config.n_out == tok.vocab_size
     pq = mq.pixel_values(imgs)
@@ -125,7 +128,7 @@ def test_config_checks(tok):
     with pytest.raises(TuwenError, match="frame_num"):
         _vit_cfg(tok, frame_num=5)  # img_len 4 < 5 frames
     with pytest.raises(TuwenError, match="video needs the ViT"):
-        CaptionerConfig(prefix_encoder="vqgan", frame_num=2, img_vocab_size=4, vit=None)
+        CaptionerConfig.build(prefix_encoder="vqgan", frame_num=2, img_vocab_size=4, vit=None)
 
 
 def test_cached_logits_equal_full_forward(trained):
@@ -192,13 +195,14 @@ def test_save_load_roundtrip_vit_and_vq(tmp_path, trained, tok):
     m, imgs = trained
     m.save_pretrained(tmp_path / "vit")
     m2 = Captioner.from_pretrained(tmp_path / "vit", num_beams=2)
-    assert m2.config.num_beams == 2 and m2.generate(imgs, num_beams=1) == m.generate(imgs)
+    assert m2.config.sampling.num_beams == 2 and m2.generate(imgs, num_beams=1) == m.generate(imgs)
     with pytest.raises(TuwenError, match="cannot change text_len"):
         Captioner.from_pretrained(tmp_path / "vit", text_len=3)
     with pytest.raises(TuwenError, match="still-image model"):
         Captioner.from_pretrained(tmp_path / "vit", frame_num=4)
-    cfg = CaptionerConfig(prefix_encoder="vqgan", img_len=64, img_size=32, text_len=8, text_vocab_size=tok.vocab_size,
-                          img_vocab_size=64, n_layer=2, n_head=2, n_embd=32, vit=None)
+    cfg = CaptionerConfig.build(prefix_encoder="vqgan", img_len=64, image_size=32, text_len=8,
+                                text_vocab_size=tok.vocab_size, img_vocab_size=64, n_layer=2, n_head=2, n_embd=32,
+                                vit=None)
     mq = Captioner(cfg, tok, vqgan=_tiny_vqgan())
     mq.save_pretrained(tmp_path / "vq")
     assert (tmp_path / "vq" / "vqgan" / "config.json").exists()

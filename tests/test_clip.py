@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 
 from tuwen.errors import TuwenError
 from tuwen.metrics.retrieval import image_text_retrieval, retrieval_metrics, retrieval_ranks
-from tuwen.tasks.clip import CLIP, CLIPTrainModule, CLIPTrainTask, LOGIT_SCALE_MAX, clip_loss
+from tuwen.models.clip import CLIP, LOGIT_SCALE_MAX
+from tuwen.training.tasks.clip import CLIPTrainModule, CLIPTrainTask, clip_loss
 from tuwen.text.tokenizer import TextTokenizer
 
 COLORS = {"红色": (220, 40, 40), "绿色": (40, 170, 60), "蓝色": (40, 60, 220), "黄色": (235, 200, 30)}
@@ -176,6 +177,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_gather_two_ranks_equals_single_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
@@ -251,7 +253,7 @@ def _ref_text(sd: dict, ids: torch.Tensor, heads: int, prefix: str = "bert.") ->
 
 
 def test_chinese_clip_checkpoint_loads(tmp_path):
-    from tuwen.convert.clip import convert_chinese_clip, load_chinese_clip
+    from tuwen.models.clip import convert_chinese_clip, load_chinese_clip
 
     vocab = _write_vocab(tmp_path / "vocab.txt")
     tok = TextTokenizer.from_pretrained(vocab)

@@ -6,7 +6,7 @@ import torch
 
 from tuwen.cli import main
 from tuwen.demo import DEMO_DIR, DEMO_PROMPTS, demo_model_path
-from tuwen.tasks.text2image import TextToImage
+from tuwen.models.text2image import TextToImage
 
 
 def test_shipped_demo_model_is_complete_and_small():

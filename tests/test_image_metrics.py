@@ -102,7 +102,7 @@ def _b64(img):
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from tuwen.tasks.clip import CLIP
+    from tuwen.models.clip import CLIP
     from tuwen.text.tokenizer import TextTokenizer
 
     tok = TextTokenizer.train(["红色的圆", "蓝色的圆"], vocab_size=100)

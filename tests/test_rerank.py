@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from tuwen.errors import TuwenError
-from tuwen.tasks.clip import CLIP
-from tuwen.tasks.rerank import ClipScorer, load_scorer, order_by_score, parse_rerank_line, rerank
+from tuwen.models.clip import CLIP
+from tuwen.rerank import ClipScorer, load_scorer, order_by_score, parse_rerank_line, rerank
 from tuwen.text.tokenizer import TextTokenizer
 
 
@@ -89,9 +89,9 @@ class FakeCaptioner:
 
 
 def test_caption_scorer_uses_captioner_log_likelihood(tmp_path, monkeypatch):
-    fake = types.ModuleType("tuwen.tasks.captioning")
+    fake = types.ModuleType("tuwen.models.captioner")
     fake.Captioner = FakeCaptioner
-    monkeypatch.setitem(sys.modules, "tuwen.tasks.captioning", fake)
+    monkeypatch.setitem(sys.modules, "tuwen.models.captioner", fake)
     d = tmp_path / "cap"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "captioner"}))

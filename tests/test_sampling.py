@@ -3,6 +3,8 @@ search, sequence scoring."""
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +16,14 @@ from tuwen.sampling import (
     as_seeds,
     beam_search,
     generate,
-    generate_naive,
     hash32,
     sample_tokens,
     score_sequences,
     uniform_noise,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from naive import generate_naive  # noqa: E402  (EasyNLP's decoding loop, a benchmark baseline)
 
 
 def tiny_model(seed=0, **kw) -> GPT:

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,11 @@ from tuwen.data import synth
 from tuwen.errors import TuwenError
 from tuwen.models.gpt import GPT
 from tuwen.models.vqgan import VQGAN, VQGANConfig
-from tuwen.tasks.text2image import TextToImage, TextToImageConfig, image_seed
+from tuwen.models.text2image import TextToImage, TextToImageConfig, image_seed
 from tuwen.text import TextTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from naive import generate_naive  # noqa: E402  (EasyNLP's decoding loop, a benchmark baseline)
 
 SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
 
@@ -36,7 +40,7 @@ def tiny_tokenizer():
 
 def tiny_model(**cfg):
     vq, tok = tiny_vqgan(), tiny_tokenizer()
-    c = TextToImageConfig(text_len=12, img_len=16, img_vocab_size=64, text_vocab_size=tok.vocab_size, image_size=32,
+    c = TextToImageConfig.build(text_len=12, img_len=16, img_vocab_size=64, text_vocab_size=tok.vocab_size, image_size=32,
                           n_layer=2, n_head=2, n_embd=32, **cfg)
     torch.manual_seed(1)
     return TextToImage(c, vq, tok).eval()
@@ -75,15 +79,15 @@ def write_easynlp_checkpoint(d: Path, model: TextToImage) -> dict:
     d.mkdir(parents=True)
     c = model.config
     sd = {f"transformer.{k}": v.clone() for k, v in model.gpt.state_dict().items()}
-    for i in range(c.n_layer):  # EasyNLP keeps minGPT's causal-mask buffer in the file
-        sd[f"transformer.blocks.{i}.attn.mask"] = torch.tril(torch.ones(c.block_size, c.block_size)).view(
-            1, 1, c.block_size, c.block_size)
+    for i in range(c.gpt.n_layer):  # EasyNLP keeps minGPT's causal-mask buffer in the file
+        sd[f"transformer.blocks.{i}.attn.mask"] = torch.tril(torch.ones(c.gpt.block_size, c.gpt.block_size)).view(
+            1, 1, c.gpt.block_size, c.gpt.block_size)
     sd.update({f"first_stage_model.{k}": v.clone() for k, v in model.vqgan.state_dict().items()})
     torch.save(sd, d / "pytorch_model.bin")
     (d / "config.json").write_text(json.dumps({
-        "model_type": "artist", "vocab_size": c.vocab_size, "img_vocab_size": c.img_vocab_size,
-        "text_vocab_size": c.text_vocab_size, "block_size": c.block_size, "n_layer": c.n_layer, "n_head": c.n_head,
-        "n_embd": c.n_embd, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "attn_pdrop": 0.0, "n_unmasked": 0,
+        "model_type": "artist", "vocab_size": c.gpt.vocab_size, "img_vocab_size": c.img_vocab_size,
+        "text_vocab_size": c.text_vocab_size, "block_size": c.gpt.block_size, "n_layer": c.gpt.n_layer, "n_head": c.gpt.n_head,
+        "n_embd": c.gpt.n_embd, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "attn_pdrop": 0.0, "n_unmasked": 0,
         "easynlp_version": "0.0.3"}))
     model.tokenizer.save_pretrained(d)
     (d / "tokenizer_config.json").unlink()  # EasyNLP folders carry only vocab.txt
@@ -145,7 +149,7 @@ def test_teacher_forced_logits_equal_cached_sampling(model):
     with torch.no_grad():
         ref = torch.log_softmax(model(text, codes).float(), -1).gather(-1, codes[..., None])[..., 0]
     torch.testing.assert_close(logp, ref, rtol=1e-4, atol=1e-4)
-    naive = sampling.generate_naive(model.gpt, prefix_ids=text, num_tokens=16, seeds=[3, 4])
+    naive = generate_naive(model.gpt, prefix_ids=text, num_tokens=16, seeds=[3, 4])
     assert torch.equal(naive, codes)
     # any prefix length n ≤ img_len works, logit i predicting code i
     with torch.no_grad():
@@ -336,8 +340,8 @@ def test_bad_flags_and_rows(tmp_path, data_dir, vqgan_dir, capsys):
 def test_predict_and_generate_rerank_keep_the_best_by_clip(tmp_path, trained, data_dir):
     """--rerank clip:DIR --keep 2 keeps the 2 candidates (same seeds as without reranking) that CLIP scores
     highest, best first, with their scores in the TSV and in the file names."""
-    from tuwen.tasks.clip import CLIP
-    from tuwen.tasks.rerank import load_scorer
+    from tuwen.models.clip import CLIP
+    from tuwen.rerank import load_scorer
     from tuwen.text.tokenizer import TextTokenizer
     tok = TextTokenizer.train([r.split("\t")[1] for r in
                                (data_dir / "test_prompts.tsv").read_text(encoding="utf-8").splitlines()],

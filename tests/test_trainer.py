@@ -64,6 +64,7 @@ def test_lr_schedule_warmup_then_decay():
     assert g(0) == pytest.approx(1.0) and g(50) == pytest.approx(0.5) and g(100) == pytest.approx(0.0)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_exact(tmp_path):
     """An uninterrupted run and a run SIGKILLed mid-way then resumed give the same loss sequence and weights."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -80,6 +81,36 @@ def test_resume_after_kill_is_exact(tmp_path):
     assert [x["step"] for x in lb] == list(range(1, 21))
     assert [x["loss"] for x in la] == [x["loss"] for x in lb]
     assert (a / "digest-rank0.txt").read_text() == (b / "digest-rank0.txt").read_text()
+
+
+@pytest.mark.parametrize("name, cls", [("AdamW", torch.optim.AdamW), ("adam", torch.optim.Adam)])
+def test_optimizer_type_builds_that_optimizer(tmp_path, name, cls):
+    """--optimizer_type Adam is EasyNLP's Adam (weight decay as an L2 gradient term), AdamW decays decoupled."""
+    tr = Trainer(_args(tmp_path, optimizer_type=name, learning_rate=0.1, weight_decay=0.5), ToyTask())
+    w = torch.nn.Parameter(torch.full((2, 2), 4.0))
+    holder = torch.nn.Module()
+    holder.w = w
+    opt = tr._make_optimizer(holder)
+    assert type(opt) is cls
+    w.grad = torch.zeros_like(w)  # only the weight decay moves w
+    opt.step()
+    # AdamW: w -= lr·wd·w = 4 - 0.2; Adam: the first step moves by ≈lr whatever the size of the (L2) gradient
+    assert torch.allclose(w.detach(), torch.full((2, 2), 3.8 if cls is torch.optim.AdamW else 3.9), atol=1e-4)
+    assert {p["weight_decay"] for p in opt.param_groups} == {0.5}
+
+
+def test_evaluate_without_training(tmp_path):
+    """evaluate() works on a fresh trainer (the task builds the model) and on a checkpoint named by --resume."""
+    fresh = Trainer(_args(tmp_path), ToyTask(), log=lambda m: None).evaluate()
+    assert set(fresh) == {"loss"} and fresh["loss"] > 0
+    tr = Trainer(_args(tmp_path, max_steps=12), ToyTask(), log=lambda m: None)
+    tr.train()
+    after = tr.evaluate()
+    assert after["loss"] < fresh["loss"]
+    assert tr.history[-1]["loss"] == pytest.approx(after["loss"])
+    resumed = Trainer(_args(tmp_path, resume="auto"), ToyTask(), log=lambda m: None)
+    assert resumed.evaluate() == pytest.approx(after)
+    assert resumed.step == 12
 
 
 def test_bad_rows_skipped_and_reported(tmp_path):
@@ -107,6 +138,7 @@ def test_bad_arguments_are_user_errors(tmp_path):
         Trainer(_args(tmp_path, resume=str(tmp_path / "nothing")), ToyTask(), log=lambda m: None).train()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_agree(tmp_path):
     """2-process DDP on CPU (gloo): both ranks end with identical weights; bad rows counted over both ranks."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -9,8 +9,8 @@ from torch import nn
 
 from tuwen.convert.clip import load_openai_vit, vit_config_from_state_dict
 from tuwen.errors import TuwenError
-from tuwen.models.vit import (CLIP_MEAN, CLIP_STD, ViTConfig, VisionTransformer, preprocess, resize_pos_embed,
-                              to_uint8_batch)
+from tuwen.data.images import to_uint8_batch
+from tuwen.models.vit import CLIP_MEAN, CLIP_STD, ViTConfig, VisionTransformer, preprocess, resize_pos_embed
 
 
 # ------------------------------------------------------------------ OpenAI's visual tower, as in openai/CLIP model.py

@@ -11,6 +11,7 @@ from tuwen.models.vqgan import VQGAN, VQGANConfig
 SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
 
 
+@pytest.mark.slow
 def test_tiny_vqgan_beats_mean_colour_baseline(tmp_path, capsys):
     synth.write_dataset(tmp_path / "d", n=400, size=32, seed=1)
     ck = tmp_path / "vq"

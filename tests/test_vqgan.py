@@ -11,9 +11,9 @@ from PIL import Image
 
 from tuwen.convert.taming import infer_vqgan_config, load_vqgan, vqgan_from_taming
 from tuwen.errors import TuwenError
-from tuwen.models.discriminator import (LPIPS, NLayerDiscriminator, VGG16Features, VQGANTrainModule, VQLoss,
-                                        VQLossConfig)
+from tuwen.models.discriminator import LPIPS, NLayerDiscriminator, VGG16Features
 from tuwen.models.vqgan import AttnBlock, VQGAN, VQGANConfig, VectorQuantizer
+from tuwen.training.tasks.vqgan import VQGANTrainModule, VQLoss, VQLossConfig
 
 
 def tiny(seed: int = 0, **kw) -> VQGAN:
@@ -364,7 +364,7 @@ def test_generator_adversarial_term_sends_no_gradient_to_discriminator():
     d = mod.loss.discriminator
     with torch.no_grad():
         xrec = mod.vqgan(x)[0]
-    from tuwen.models.discriminator import hinge_d_loss
+    from tuwen.training.tasks.vqgan import hinge_d_loss
     hinge_d_loss(d(x), d(xrec)).backward()
     for a, p in zip(got, d.parameters()):
         torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)

@@ -6,7 +6,6 @@ import hashlib
 import os
 import random
 import signal
-import sys
 from pathlib import Path
 
 import torch

@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "VQGAN": ("tuwen.models.vqgan", "VQGAN"),
-    "TextToImage": ("tuwen.tasks.text2image", "TextToImage"),
-    "Captioner": ("tuwen.tasks.captioning", "Captioner"),
-    "CLIP": ("tuwen.tasks.clip", "CLIP"),
+    "TextToImage": ("tuwen.models.text2image", "TextToImage"),
+    "Captioner": ("tuwen.models.captioner", "Captioner"),
+    "CLIP": ("tuwen.models.clip", "CLIP"),
     "pipeline": ("tuwen.pipelines", "pipeline"),
     "TuwenError": ("tuwen.errors", "TuwenError"),
 }

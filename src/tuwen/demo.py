@@ -11,9 +11,12 @@ import json
 import time
 from pathlib import Path
 
-from .errors import TuwenError
-
-DEMO_DIR = Path(__file__).parent / "assets" / "demo_t2i"
+from .cli.common import write_images
+from .data import checker
+from .data.synth import parse_caption
+from .models.text2image import TextToImage
+from .pipelines import DEMO_DIR, demo_model_path  # noqa: F401  (DEMO_DIR: part of this module's interface)
+from .runtime import init_distributed
 
 # prompts: seen combinations and (color, shape) pairs held out of training (listed in assets/demo_t2i/demo.json)
 DEMO_PROMPTS = [
@@ -25,13 +28,6 @@ DEMO_PROMPTS = [
     "右侧有一个红色的三角形",          # held out of training
     "左下角有一个黄色的圆形",          # held out of training
 ]
-
-
-def demo_model_path() -> Path:
-    if not (DEMO_DIR / "config.json").exists():
-        raise TuwenError(f"the shipped demo model is missing ({DEMO_DIR}); reinstall tuwen or build it with "
-                         f"scripts/train_demo.sh")
-    return DEMO_DIR
 
 
 def write_index_html(out: Path, entries: list[dict], title: str = "tuwen") -> Path:
@@ -57,10 +53,6 @@ def write_index_html(out: Path, entries: list[dict], title: str = "tuwen") -> Pa
 def run_demo(out: str | Path = "tuwen_demo", n: int = 4, seed: int = 0, prompts: list[str] | None = None,
              model_path: str | Path | None = None, device: str = "auto") -> dict:
     """Generate ``n`` images per demo prompt, write them with grids + index.html, score them with the checker."""
-    from .data import checker
-    from .tasks.text2image import TextToImage, write_images
-    from .runtime import init_distributed
-
     t0 = time.time()
     prompts = prompts or DEMO_PROMPTS
     model = TextToImage.from_pretrained(model_path or demo_model_path()).to(init_distributed(device))
@@ -75,7 +67,6 @@ def run_demo(out: str | Path = "tuwen_demo", n: int = 4, seed: int = 0, prompts:
         names = write_images(out, f"prompt{i:02d}", group)
         results = [checker.check(im, prompt) for im in group]
         ok = [all(r.ok for r in res) for res in results]
-        from .data.synth import parse_caption
         objs = parse_caption(prompt) or []
         unseen = any((o.color, o.shape) in heldout for o in objs)
         entries.append({"prompt": prompt, "images": names, "ok": ok, "note": "unseen combination" if unseen else ""})

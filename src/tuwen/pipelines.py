@@ -11,33 +11,117 @@ Keyword arguments are EasyNLP ``user_defined_parameters`` with typed values (unk
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any, Sequence
 
-from .config import typed_kwargs
+from .config import Param, typed_kwargs
 from .errors import TuwenError
+from .hub import read_model_type, resolve_model_path
 
 TASKS = ("text2image_generation", "image2text_generation", "video2text_generation")
+
+DEMO_DIR = Path(__file__).parent / "assets" / "demo_t2i"
+
+
+def demo_model_path() -> Path:
+    """The text→image model shipped in the package (``tuwen demo``, pipelines without ``model_path``)."""
+    if not (DEMO_DIR / "config.json").exists():
+        raise TuwenError(f"the shipped demo model is missing ({DEMO_DIR}); reinstall tuwen or build it with "
+                         f"scripts/train_demo.sh")
+    return DEMO_DIR
+
+
+# ----------------------------------------------------------------------------------------------- text→image
+
+#: ``text2image_generation``'s user_defined_parameters (EasyNLP command line and pipeline keyword arguments)
+TEXT2IMAGE_PARAMS: dict[str, Param] = {
+    "size": Param(int, None, "image size in pixels (EasyNLP default 256)"),
+    "text_len": Param(int, None, "text positions (EasyNLP default 32)"),
+    "img_len": Param(int, None, "image positions = VQGAN grid h*w (EasyNLP default 256)"),
+    "img_vocab_size": Param(int, None, "VQGAN codebook size (EasyNLP default 16384)"),
+    "text_vocab_size": Param(int, None, "tokenizer vocabulary size (taken from the vocabulary when known)"),
+    "pretrain_model_name_or_path": Param(str, None, "model to finetune (folder or model-zoo name under TUWEN_HOME)"),
+    "vqgan_ckpt_path": Param(str, None, "VQGAN for training from scratch: tuwen folder, taming .ckpt or .bin"),
+    "vqgan_config": Param(str, None, "taming yaml/json describing vqgan_ckpt_path (default: inferred from shapes)"),
+    "vocab_path": Param(str, None, "vocab.txt to use when training from scratch (default: built from the texts)"),
+    "vocab_size": Param(int, 8000, "size of the vocabulary built from training texts when none is given"),
+    "random_crop": Param(bool, False, "random instead of center crops"),
+    "n_layer": Param(int, None, "GPT layers for training from scratch (default 12)"),
+    "n_head": Param(int, None, "GPT heads (default 12)"),
+    "n_embd": Param(int, None, "GPT width (default 768)"),
+    "gpt_preset": Param(str, None, "GPT size preset: tiny, small, base, large"),
+    "block_size": Param(int, None, "accepted for EasyNLP compatibility; must equal text_len + img_len"),
+    "dropout": Param(float, None, "embedding/attention/residual dropout for training from scratch"),
+    "cfg_drop_prob": Param(float, None, "classifier-free guidance training: probability of dropping the text"),
+    "null_cond_prob": Param(float, None, "alias of cfg_drop_prob (DALLE-pytorch name)"),
+    "pkeep": Param(float, 1.0, "probability of keeping each input image code (taming's corruption trick)"),
+    "max_generated_num": Param(int, 1, "images per prompt (predict)"),
+    "top_k": Param(int, None, "sampling: keep the k most likely codes (1 = greedy; default from the model)"),
+    "top_p": Param(float, None, "sampling: nucleus probability mass"),
+    "temperature": Param(float, None, "sampling temperature"),
+    "guidance_scale": Param(float, None, "classifier-free guidance scale (model trained with cfg_drop_prob)"),
+    "do_eval": Param(bool, True, "evaluate on the validation table while training"),
+    "eval_num": Param(int, 64, "evaluate --metric attributes: prompts to generate for"),
+    "seed": Param(int, None, "sampling seed (default: --random_seed)"),
+}
+
+
+def load_text2image(path: str, udp: dict, device: str = "auto"):
+    """A TextToImage for inference from a folder and the typed udp (vqgan_config / vqgan_ckpt_path for EasyNLP
+    folders without a VQGAN; size/text_len/img_len shape an EasyNLP folder and are checked against a tuwen one)."""
+    from .models.text2image import EASYNLP_MODEL_TYPES, TextToImage
+    from .runtime import init_distributed
+
+    dev = init_distributed(device)
+    kw = {}
+    if udp.get("vqgan_config"):
+        kw["vqgan_config"] = udp["vqgan_config"]
+    if udp.get("vqgan_ckpt_path") and not Path(path, "vqgan").exists():
+        kw["vqgan_path"] = udp["vqgan_ckpt_path"]
+    sizes = {k: udp[k] for k in ("text_len", "img_len", "size") if udp.get(k) is not None}
+    if sizes and _model_type(path) not in EASYNLP_MODEL_TYPES:
+        sizes = {}  # a tuwen folder records its sizes: checked below instead
+    model = TextToImage.from_pretrained(path, **kw, **sizes)
+    cfg = model.config
+    for k, ck in (("text_len", "text_len"), ("img_len", "img_len"), ("size", "image_size"),
+                  ("img_vocab_size", "img_vocab_size")):
+        if udp.get(k) is not None and udp[k] != getattr(cfg, ck):
+            raise TuwenError(f"--user_defined_parameters {k}={udp[k]} does not match the model ({ck}="
+                             f"{getattr(cfg, ck)})")
+    return model.to(dev).eval()
+
+
+def _model_type(path: str) -> str | None:
+    try:
+        return read_model_type(resolve_model_path(path))
+    except TuwenError:  # from_pretrained reports a bad path
+        return None
+
+
+def text2image_sampling(model, udp: dict) -> dict:
+    """The sampling settings the udp gives (top_k, top_p, temperature, guidance_scale), for ``model.generate``."""
+    kw = {k: udp[k] for k in ("top_k", "top_p", "temperature", "guidance_scale") if udp.get(k) is not None}
+    if kw.get("guidance_scale") is not None and model.config.cfg_drop_prob == 0:
+        print("warning: guidance_scale is set but the model was trained without cfg_drop_prob; the unconditional "
+              "prompt may be meaningless", file=sys.stderr)
+    return kw
 
 
 class TextToImagePipeline:
     """Callable on a prompt or a list of prompts → one ``{"gen_imgbase64": [...], "images": [...]}`` per prompt."""
 
     def __init__(self, model_path: str | None = None, device: str = "auto", **udp: Any):
-        from .tasks.text2image import USER_PARAMS, load_for_inference
-
-        self.udp = typed_kwargs(udp, USER_PARAMS, "text2image_generation")
+        self.udp = typed_kwargs(udp, TEXT2IMAGE_PARAMS, "text2image_generation")
         if model_path is None:
-            from .demo import demo_model_path
             model_path = demo_model_path()
-        self.model = load_for_inference(str(model_path), self.udp, device)
+        self.model = load_text2image(str(model_path), self.udp, device)
 
     def __call__(self, prompts: str | Sequence[str], **overrides: Any) -> list[dict]:
         from .data.images import encode_png_b64
-        from .tasks.text2image import USER_PARAMS, _generation_kwargs
-
         udp = dict(self.udp)
         if overrides:  # per-call settings, same typing rules
-            typed = typed_kwargs(overrides, USER_PARAMS, "text2image_generation")
+            typed = typed_kwargs(overrides, TEXT2IMAGE_PARAMS, "text2image_generation")
             udp.update({k: typed[k] for k in overrides})
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -46,8 +130,142 @@ class TextToImagePipeline:
             raise TuwenError("text2image pipeline: every prompt must be a non-empty string")
         seed = udp["seed"] if udp["seed"] is not None else 0
         images = self.model.generate(prompts, num_images_per_prompt=udp["max_generated_num"], seed=seed,
-                                     **_generation_kwargs(self.model, udp))
+                                     **text2image_sampling(self.model, udp))
         return [{"gen_imgbase64": [encode_png_b64(im) for im in group], "images": group} for group in images]
+
+
+# ----------------------------------------------------------------------------------------------- image/video→text
+
+#: ``image2text_generation`` / ``video2text_generation`` user_defined_parameters (EasyNLP command line and
+#: pipeline keyword arguments)
+CAPTION_PARAMS: dict[str, Param] = {
+    "frame_num": Param(int, None, "video: frames per clip (EasyNLP default 3); shorter clips are padded by repeating "
+                                  "the last frame (warning; --strict rejects them), longer ones keep the first frames"),
+    "vit_ckpt_path": Param(str, None, "image tower weights: OpenAI CLIP .pt (ViT-L/14 → $TUWEN_HOME/models/"
+                                      "ViT-L-14.pt), a tuwen CLIP folder, or a visual state dict"),
+    "vit_preset": Param(str, None, "ViT size when the image tower is trained from scratch (tiny, small, base-64, "
+                                   "ViT-B-32, ...; default small)"),
+    "freeze_vit": Param(bool, None, "keep the image tower fixed (default: frozen when loaded from weights, trained "
+                                    "when from scratch)"),
+    "img_size": Param(int, None, "image side in pixels (EasyNLP: 224 ViT, 256 VQGAN)"),
+    "img_len": Param(int, None, "prefix positions: ViT (img_size/patch)², VQGAN codes; video: reserved, >= frame_num"),
+    "text_len": Param(int, None, "caption tokens (default 32)"),
+    "pretrain_model_name_or_path": Param(str, None, "captioner to finetune, or (from scratch) the tokenizer: a "
+                                                    "vocab.txt, a folder with one, or a name under $TUWEN_HOME/models"),
+    "vocab_size": Param(int, 8000, "size of the vocabulary built from the training texts when no tokenizer is given"),
+    "block_size": Param(int, None, "EasyNLP compatibility: must equal text_len + img_len"),
+    "n_layer": Param(int, None, "GPT layers (default 12)"),
+    "n_head": Param(int, None, "GPT heads (default 12)"),
+    "n_embd": Param(int, None, "GPT width (default 768)"),
+    "gpt_preset": Param(str, None, "GPT size preset: tiny, small, medium, base, large"),
+    "dropout": Param(float, None, "GPT dropout when training from scratch"),
+    "text_vocab_size": Param(int, None, "text vocabulary size (default: the tokenizer's)"),
+    "img_vocab_size": Param(int, None, "VQ prefix: VQGAN codebook size (checked against the VQGAN)"),
+    "enable_vit": Param(bool, None, "EasyNLP: the ViT prefix (the default)"),
+    "enable_vqgan": Param(bool, None, "EasyNLP: the VQGAN-code prefix (also --app_name=image2text_generation_vqgan)"),
+    "vqgan_ckpt_path": Param(str, None, "VQ prefix from scratch: tuwen VQGAN folder, taming .ckpt or EasyNLP .bin"),
+    "vqgan_config": Param(str, None, "taming yaml/json for vqgan_ckpt_path (default: inferred from the shapes)"),
+    "enable_img_path": Param(bool, False, "image columns hold file paths (relative to img_root_dir), not base64"),
+    "img_root_dir": Param(str, None, "folder that image paths are relative to (with enable_img_path)"),
+    "max_generated_num": Param(int, 1, "captions per input; gen_text is then a JSON list"),
+    "num_beams": Param(int, None, "beam width (1 = no beam search)"),
+    "length_penalty": Param(float, None, "beam search: score = sum log p / length ** length_penalty"),
+    "no_repeat_ngram_size": Param(int, None, "beam search: never repeat an n-gram of this size"),
+    "top_k": Param(int, None, "sampling: keep the k most likely tokens (1 = greedy, the default)"),
+    "top_p": Param(float, None, "sampling: nucleus probability mass"),
+    "temperature": Param(float, None, "sampling temperature"),
+    "seed": Param(int, None, "sampling seed (default: --random_seed)"),
+    "pkeep": Param(float, 1.0, "training: probability of keeping each input text token (EasyNLP pkeep)"),
+    "do_eval": Param(bool, True, "evaluate on the validation table while training"),
+    "eval_num": Param(int, None, "evaluate: caption at most this many images for BLEU/CIDEr/ROUGE (default all)"),
+    "device": Param(str, None, "EasyNLP compatibility (cuda/cpu); same as --device"),
+}
+
+
+def caption_sampling(udp: dict) -> dict:
+    """The decoding settings the udp gives (those set), for ``Captioner.generate`` / ``from_pretrained``."""
+    from .models.captioner import SAMPLING_KEYS
+    return {k: udp[k] for k in SAMPLING_KEYS if udp.get(k) is not None}
+
+
+def udp_device(device: str | None, udp: dict) -> str:
+    """--device, or EasyNLP's ``device=`` key when --device is auto."""
+    import torch
+
+    device = device or "auto"
+    if device == "auto" and udp.get("device"):
+        device = udp["device"]
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise TuwenError(f"--user_defined_parameters device={device}: no CUDA device here; drop it or use cpu")
+    return device
+
+
+def check_caption_udp(udp: dict, c, video: bool, vq: bool, what: str = "the model") -> None:
+    """EasyNLP passes the size keys again at predict time: they must describe the model (a CaptionerConfig)."""
+    checks = (("text_len", c.text_len), ("img_len", c.img_len), ("img_size", c.image_size),
+              ("block_size", c.block_size))
+    for k, v in checks:
+        if udp.get(k) is not None and udp[k] != v:
+            raise TuwenError(f"--user_defined_parameters {k}={udp[k]} does not match {what} ({k}={v})")
+    if udp.get("frame_num") is not None and c.video and udp["frame_num"] != c.frame_num:
+        raise TuwenError(f"--user_defined_parameters frame_num={udp['frame_num']} does not match {what}, which was "
+                         f"trained on {c.frame_num} frames")
+    if video and not c.video:
+        raise TuwenError(f"--app_name=video2text_generation but {what} is a still-image captioner; use "
+                         f"--app_name=image2text_generation")
+    if not video and c.video:
+        raise TuwenError(f"--app_name=image2text_generation but {what} is a video captioner (frame_num="
+                         f"{c.frame_num}); use --app_name=video2text_generation")
+    if vq and c.prefix_encoder != "vqgan":
+        raise TuwenError(f"enable_vqgan / image2text_generation_vqgan but {what} has a ViT prefix")
+
+
+def load_captioner(path: str, udp: dict, video: bool | None = None, device: str = "auto", vq: bool = False):
+    """A Captioner for predict/evaluate/pipelines: EasyNLP folders get their sizes from ``udp``; tuwen folders
+    are checked against them (when ``video`` says which app asks)."""
+    from .convert.easynlp_i2t import load_kwargs_from_udp
+    from .models.captioner import EASYNLP_MODEL_TYPES, Captioner
+    from .runtime import init_distributed
+
+    dev = init_distributed(udp_device(device, udp))
+    over = caption_sampling(udp)
+    if _model_type(path) in EASYNLP_MODEL_TYPES:
+        over.update(load_kwargs_from_udp(udp, bool(video)))
+    model = Captioner.from_pretrained(path, **over)
+    if video is not None:
+        check_caption_udp(udp, model.config, video, vq)
+    return model.to(dev).eval()
+
+
+class CaptionPipeline:
+    """``tuwen.pipeline("image2text_generation" | "video2text_generation", model_path=..., **udp)``.
+
+    Callable on one input or a list (base64 strings, PIL images, paths, bytes; for video each input is a list of
+    frames — a flat list of frames is one video) → one ``{"gen_text": [captions…]}`` per input. Keyword arguments
+    are ``CAPTION_PARAMS`` (``max_generated_num``, ``num_beams``, ``top_k``, ``seed``, ...; typed, unknown keys are
+    an error); calls may override them.
+    """
+
+    def __init__(self, task: str, model_path: str, device: str = "auto", **udp: Any):
+        if task not in TASKS[1:]:
+            raise TuwenError(f"CaptionPipeline: task must be one of {', '.join(TASKS[1:])}, got {task!r}")
+        self.task = task
+        self.udp = typed_kwargs(udp, CAPTION_PARAMS, task)
+        self.model = load_captioner(str(model_path), self.udp, task == "video2text_generation", device)
+
+    def __call__(self, inputs, **overrides: Any) -> list[dict]:
+        udp = dict(self.udp)
+        if overrides:
+            typed = typed_kwargs(overrides, CAPTION_PARAMS, self.task)
+            udp.update({k: typed[k] for k in overrides})
+        root = udp["img_root_dir"] if udp["enable_img_path"] else None
+        items = self.model._as_items(inputs)
+        if not items:
+            return []
+        seed = udp["seed"] if udp["seed"] is not None else 0
+        caps = self.model.generate(items, num_return_sequences=udp["max_generated_num"], seed=seed, root=root,
+                                   **caption_sampling(udp))
+        return [{"gen_text": g} for g in caps]
 
 
 def pipeline(task: str, model_path: str | None = None, **kwargs: Any):
@@ -55,7 +273,6 @@ def pipeline(task: str, model_path: str | None = None, **kwargs: Any):
     if task == "text2image_generation":
         return TextToImagePipeline(model_path, **kwargs)
     if task in ("image2text_generation", "video2text_generation"):
-        from .tasks.captioning import CaptionPipeline
         if model_path is None:
             raise TuwenError(f"pipeline({task!r}): give model_path= (a captioning model folder); nothing is downloaded")
         return CaptionPipeline(task, model_path, **kwargs)

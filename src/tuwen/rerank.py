@@ -12,7 +12,7 @@ Scorers (higher = better):
   (``ClipScorer(logit_scaled=True)`` multiplies by the model's ``logit_scale.exp()`` instead). This is the
   DALLE-pytorch / BriVL-style reranking.
 * ``caption:DIR`` — a tuwen captioner folder, CogView's post-selection ("caption score"): the **sum of
-  log p(text tokens | image)** under the captioner, computed by ``tuwen.tasks.captioning.Captioner.log_likelihood``
+  log p(text tokens | image)** under the captioner, computed by ``tuwen.models.captioner.Captioner.log_likelihood``
   (``(images, texts) -> Tensor [N]``). Higher (closer to 0) is better.
 
 A bare folder (no ``clip:``/``caption:``) is recognised from its ``config.json`` ``model_type``. Images are PIL
@@ -21,14 +21,20 @@ device, and do not depend on the batch size beyond float rounding.
 """
 from __future__ import annotations
 
-import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, Sequence
 
 import torch
+from tqdm import tqdm
 
-from ..errors import TuwenError, read_text_lines
+from .data.images import ImageDecodeError, open_image
+from .data.tables import BadRow, BadRowReport
+from .errors import TuwenError, read_text_lines
+from .hub import read_model_type, resolve_model_path
+from .models.clip import CLIP
+from .runtime import inference_autocast, resolve_device
 
 
 class Scorer(Protocol):
@@ -50,11 +56,6 @@ def _pair_texts(texts: Sequence[str] | str, n: int) -> list[str]:
     return texts
 
 
-def _autocast(dev: torch.device):
-    import contextlib
-    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-
-
 class ClipScorer:
     """Cosine similarity (or logit-scaled) of image and text under a tuwen CLIP; texts are encoded once each."""
 
@@ -72,7 +73,7 @@ class ClipScorer:
         texts = _pair_texts(texts, len(images))
         uniq = list(dict.fromkeys(texts))
         dev = self.model.device
-        with _autocast(dev):
+        with inference_autocast(dev):
             te = self.model.encode_text(uniq, batch_size=self.batch_size).float()
             ie = torch.cat([self.model.encode_image(images[i:i + self.batch_size]).float()
                             for i in range(0, len(images), self.batch_size)])
@@ -109,21 +110,9 @@ class CaptionScorer:
         return out
 
 
-def _model_type(path: Path) -> str | None:
-    cfg = path / "config.json"
-    if not cfg.exists():
-        return None
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
-
-
 def load_scorer(spec: str, device: str | torch.device | None = None, batch_size: int = 32,
                 flag: str = "--rerank") -> Scorer:
     """``clip:DIR`` | ``caption:DIR`` (| a bare model folder) → a scorer on ``device`` (default: CUDA if present)."""
-    from ..hub import resolve_model_path
-
     if not spec or not str(spec).strip():
         raise TuwenError(f"{flag}: empty scorer; use clip:DIR or caption:DIR")
     spec = str(spec).strip()
@@ -132,15 +121,13 @@ def load_scorer(spec: str, device: str | torch.device | None = None, batch_size:
         kind, path = "", spec
     p = resolve_model_path(path, what=f"{flag} model")
     if not kind:
-        mt = _model_type(p)
+        mt = read_model_type(p)
         if mt is None:
             raise TuwenError(f"{flag} {spec}: say which scorer: clip:{spec} or caption:{spec}")
         kind = "clip" if mt == "clip" else "caption"
-    dev = torch.device(device) if device not in (None, "auto") else \
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     if kind.lower() == "clip":
-        from .clip import CLIP
-        mt = _model_type(p)
+        mt = read_model_type(p)
         if mt not in (None, "clip"):
             raise TuwenError(f"{flag} clip:{path}: that folder holds a {mt!r} model, not a CLIP (model_type 'clip')")
         model = CLIP.from_pretrained(p, device=dev)
@@ -148,7 +135,7 @@ def load_scorer(spec: str, device: str | torch.device | None = None, batch_size:
             raise TuwenError(f"{flag} clip:{path}: the CLIP folder has no vocab.txt")
         return ClipScorer(model, batch_size, name=f"clip:{path}")
     try:
-        from .captioning import Captioner
+        from .models.captioner import Captioner
     except ImportError as e:
         raise TuwenError(f"{flag} caption:{path}: the captioner is not available in this build ({e})") from None
     cap = Captioner.from_pretrained(p, device=dev)
@@ -208,13 +195,6 @@ def rerank_file(scorer: Scorer, input_path: str | Path, output=None, batch_size:
     """Score a CogView post-selection file; write ``text \\t s1 \\t s2 …`` per good input line (scores in the
     line's image order, ``nan`` for an image that cannot be read). Lines without text/images are skipped.
     Problems go to ``report`` as ``file:line: reason``. Returns counts."""
-    import sys
-
-    from tqdm import tqdm
-
-    from ..data.images import ImageDecodeError, open_image
-    from ..data.tables import BadRow, BadRowReport
-
     report = report if report is not None else BadRowReport()
     inp = Path(input_path).expanduser()
     raw_lines = read_text_lines(inp, f"--input {inp}")

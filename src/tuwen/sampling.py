@@ -9,10 +9,11 @@
 * :func:`generate` — prefill the prefix once, then one token per step through a preallocated
   :class:`~tuwen.models.gpt.KVCache`; classifier-free guidance by batch doubling; per-row EOS; on CUDA the
   decode step (forward + sampling) is captured once in a CUDA graph and replayed.
-* :func:`generate_naive` — EasyNLP's loop (no cache, full forward over the growing sequence every step), same
-  sampling rule: same seeds → same tokens as :func:`generate` up to float noise. For benchmarks and tests.
+* ``bench/naive.py``'s ``generate_naive`` — EasyNLP's loop (no cache, full forward over the growing sequence
+  every step) with the same sampling rule: same seeds → same tokens as :func:`generate` up to float noise.
 * :func:`beam_search` — KV-cached beam search with per-row finishing and HF-style length-normalised scores.
 * :func:`score_sequences` — teacher-forced ``sum log p(target | prefix)`` per row (caption reranking, bits/token).
+* :class:`SamplingParams` — a model's saved sampling defaults; each call may replace any of them.
 
 Token spaces: the model *outputs* ids in ``0..n_out-1`` (its head). Returned tokens, ``eos_id``, ``pad_id`` and
 ``allowed`` are in that output space; the id fed back as the next *input* is ``token + token_offset``.
@@ -31,9 +32,10 @@ import torch.nn.functional as F
 from .config import BaseConfig
 from .errors import TuwenError
 from .models.gpt import GPT, KVCache
+from .runtime import autocast
 
-__all__ = ["sample_tokens", "generate", "generate_naive", "beam_search", "score_sequences", "as_seeds",
-           "uniform_noise", "gumbel_noise", "hash32"]
+__all__ = ["sample_tokens", "generate", "beam_search", "score_sequences", "as_seeds", "uniform_noise",
+           "gumbel_noise", "hash32", "SamplingParams"]
 
 #: one seed per row: a LongTensor [B], a list, or an int s (row i gets s + i)
 Seeds = int | Sequence[int] | torch.Tensor
@@ -147,12 +149,6 @@ def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int | torch.T
 
 
 # ------------------------------------------------------------------------------------------ shared plumbing
-
-def _autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
-
 
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module):
@@ -398,7 +394,7 @@ def generate(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefix_embed
     cache = KVCache.for_model(model, Bx, max_len=P + num_tokens - 1, dtype=cache_dtype)
 
     with _eval_mode(model), model.fused_qkv(dtype=amp_dtype):
-        with _autocast(dev, amp_dtype):
+        with autocast(dev, amp_dtype):
             logits = model(ids, emb, cache=cache, start_pos=0, logits_start=-1)[:, -1]  # prefill
             tok, logp = picker(logits, 0, finished)
         out[:, 0] = tok
@@ -411,10 +407,10 @@ def generate(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefix_embed
             dec = _StaticDecoder(model, cache, picker, P=P, num_tokens=num_tokens, token_offset=token_offset,
                                  doubled=doubled, out=out, logprobs=logprobs, finished=finished)
             dec.start(tok)
-            amp_factory = (lambda: _autocast(dev, amp_dtype, cache_enabled=not use_graph))
+            amp_factory = (lambda: autocast(dev, amp_dtype, cache_enabled=not use_graph))
             _run_static(dec, num_tokens - 1, use_graph, amp_factory, check_every=16 if dev.type == "cuda" else 1)
         else:
-            with _autocast(dev, amp_dtype):
+            with autocast(dev, amp_dtype):
                 for s in range(1, num_tokens):
                     x = _feed(tok, token_offset, doubled)
                     logits = model(x, cache=cache, start_pos=P + s - 1, logits_start=-1)[:, -1]
@@ -424,46 +420,6 @@ def generate(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefix_embed
                         logprobs[:, s] = logp
                     if eos_id is not None and bool(finished.all()):
                         break
-    return (out, logprobs) if return_logprobs else out
-
-
-@torch.inference_mode()
-def generate_naive(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefix_embeds: torch.Tensor | None = None,
-                   num_tokens: int, seeds: Seeds, top_k: int | None = None, top_p: float | None = None,
-                   temperature: float = 1.0, allowed: Allowed = None, guidance_scale: float | None = None,
-                   uncond_prefix_ids: torch.Tensor | None = None, uncond_prefix_embeds: torch.Tensor | None = None,
-                   token_offset: int = 0, eos_id: int | None = None, pad_id: int = 0,
-                   amp_dtype: torch.dtype | None = None, return_logprobs: bool = False):
-    """EasyNLP's decoding loop: no KV cache, a full forward over the growing sequence (head over every
-    position) each step. Same arguments and sampling rule as :func:`generate` (same seeds → same tokens up to
-    float noise); for benchmarks and equivalence tests."""
-    B, P = _prefix_batch(model, prefix_ids, prefix_embeds)
-    if num_tokens < 1 or P + num_tokens - 1 > model.config.block_size:
-        raise TuwenError(f"prefix ({P}) + num_tokens ({num_tokens}) - 1 must be in 1..block_size "
-                         f"({model.config.block_size})")
-    _check_sampling_args(temperature, top_k, top_p)
-    allowed = _check_offsets(model, token_offset, allowed, pad_id, eos_id)
-    dev = model.tok_emb.weight.device
-    doubled = guidance_scale is not None
-    ids, emb = _cfg_inputs(model, prefix_ids, prefix_embeds, guidance_scale, uncond_prefix_ids,
-                           uncond_prefix_embeds, B)
-    picker = _Picker(B, as_seeds(seeds, B, dev), guidance_scale=guidance_scale, temperature=temperature,
-                     top_k=top_k, top_p=top_p, allowed=allowed, eos_id=eos_id, pad_id=pad_id,
-                     return_logprobs=return_logprobs)
-    out = torch.full((B, num_tokens), pad_id, dtype=torch.long, device=dev)
-    logprobs = torch.zeros(B, num_tokens, dtype=torch.float32, device=dev) if return_logprobs else None
-    finished = torch.zeros(B, dtype=torch.bool, device=dev)
-    seq = ids if ids is not None else torch.zeros(2 * B if doubled else B, 0, dtype=torch.long, device=dev)
-    with _eval_mode(model), _autocast(dev, amp_dtype):
-        for s in range(num_tokens):
-            logits = model(seq if seq.shape[1] else None, emb)[:, -1]  # full head, like EasyNLP
-            tok, logp = picker(logits, s, finished)
-            out[:, s] = tok
-            if logprobs is not None:
-                logprobs[:, s] = logp
-            if eos_id is not None and bool(finished.all()):
-                break
-            seq = torch.cat([seq, _feed(tok, token_offset, doubled)], dim=1)
     return (out, logprobs) if return_logprobs else out
 
 
@@ -477,6 +433,98 @@ def _banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
         return list(set(seq))
     key = tuple(seq[len(seq) - n + 1:])
     return [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == key]
+
+
+def _beam_logprobs(logits: torch.Tensor, allowed: Allowed) -> torch.Tensor:
+    """[N, V] logits → log-probs over the whole output vocabulary, ids outside ``allowed`` at -inf."""
+    logits = logits.float()
+    if isinstance(allowed, tuple):
+        masked = torch.full_like(logits, float("-inf"))
+        masked[:, allowed[0]:allowed[1]] = logits[:, allowed[0]:allowed[1]]
+        logits = masked
+    elif allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return logits.log_softmax(dim=-1)
+
+
+def _ban(logp: torch.Tensor, seqs: list[list[int]], t: int, eos_id: int | None, min_new_tokens: int,
+         no_repeat_ngram_size: int) -> None:
+    """In place on logp [B*K, V]: no eos before min_new_tokens, no repeated n-gram of a beam's tokens."""
+    if eos_id is not None and t < min_new_tokens:
+        logp[:, eos_id] = float("-inf")
+    if no_repeat_ngram_size > 0:
+        for r, seq in enumerate(seqs):
+            banned = _banned_ngram_tokens(seq, no_repeat_ngram_size)
+            if banned:
+                logp[r, banned] = float("-inf")
+
+
+class _Hypotheses:
+    """The finished hypotheses of one row: at most ``K`` (score, tokens), best first."""
+
+    def __init__(self, K: int):
+        self.K, self.items = K, []
+
+    def add(self, score: float, seq: list[int]) -> None:
+        self.items.append((score, seq))
+        self.items.sort(key=lambda h: -h[0])
+        del self.items[self.K:]
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= self.K
+
+
+def _select_row(top_scores: list[float], top_ids: list[int], V: int, K: int, t: int, row_seqs: list[list[int]],
+                hyps: _Hypotheses, eos_id: int | None, pad_id: int, length_penalty: float, early_stopping: bool):
+    """One row's beams after step ``t`` from its 2K best (beam, token) candidates, best first.
+
+    A candidate ending in eos becomes a hypothesis when it ranks among the K best; the others fill the K beams
+    (dead beams at -inf when too few are left). Returns (scores [K], tokens [K], source beam in the row [K], done).
+    """
+    scores, tokens, src = [float("-inf")] * K, [pad_id] * K, [0] * K
+    j = 0
+    for rank in range(2 * K):
+        score, flat = top_scores[rank], top_ids[rank]
+        if score == float("-inf"):
+            break
+        beam, tok = flat // V, flat % V
+        if eos_id is not None and tok == eos_id:
+            if rank < K:
+                hyps.add(score / (t + 1) ** length_penalty, row_seqs[beam] + [tok])
+            continue
+        scores[j], tokens[j], src[j] = score, tok, beam
+        j += 1
+        if j == K:
+            break
+    if not hyps.full:
+        done = j == 0
+    elif early_stopping or j == 0:
+        done = True
+    else:  # HF's heuristic: done when no running beam can beat the worst hypothesis
+        done = hyps.items[-1][0] >= max(scores) / (t + 1) ** length_penalty
+    return scores, tokens, src, done
+
+
+def _best_hypotheses(hyps: list[_Hypotheses], done: list[bool], beam_scores: torch.Tensor, seqs: list[list[int]],
+                     R: int, T: int, pad_id: int, length_penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The R best hypotheses per row → (ids [B, R, T], scores [B, R]); running beams of rows that were not done
+    at the last step become hypotheses."""
+    B, K = beam_scores.shape
+    for b in range(B):
+        if not done[b]:
+            for k in range(K):
+                s = float(beam_scores[b, k])
+                if s != float("-inf"):
+                    seq = seqs[b * K + k]
+                    hyps[b].add(s / len(seq) ** length_penalty, seq)
+    out = torch.full((B, R, T), pad_id, dtype=torch.long)
+    scores = torch.full((B, R), float("-inf"))
+    for b in range(B):
+        for r, (s, seq) in enumerate(hyps[b].items[:R]):
+            out[b, r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            scores[b, r] = s
+    return out, scores
 
 
 @torch.inference_mode()
@@ -510,102 +558,45 @@ def beam_search(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefix_em
     ids = prefix_ids.to(dev) if prefix_ids is not None else None
     emb = prefix_embeds.to(dev) if prefix_embeds is not None else None
 
-    def logprobs_of(logits):  # [N, V] → log-probs over the output vocabulary with `allowed` applied
-        logits = logits.float()
-        if isinstance(allowed, tuple):
-            masked = torch.full_like(logits, float("-inf"))
-            masked[:, allowed[0]:allowed[1]] = logits[:, allowed[0]:allowed[1]]
-            logits = masked
-        elif allowed is not None:
-            logits = logits.masked_fill(~allowed.to(device=dev, dtype=torch.bool), float("-inf"))
-        return logits.log_softmax(dim=-1)
-
-    hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]  # (score, tokens) per row
+    hyps = [_Hypotheses(K) for _ in range(B)]
     done = [False] * B
-    with _eval_mode(model), model.fused_qkv(dtype=amp_dtype), _autocast(dev, amp_dtype):
+    with _eval_mode(model), model.fused_qkv(dtype=amp_dtype), autocast(dev, amp_dtype):
         cache = KVCache.for_model(model, B, max_len=P + T - 1, dtype=amp_dtype or model.tok_emb.weight.dtype)
         logits = model(ids, emb, cache=cache, start_pos=0, logits_start=-1)[:, -1]  # [B, V]
         if K > 1:
             cache = cache.repeat_interleave(K)
-        logp = logprobs_of(logits).repeat_interleave(K, dim=0)  # [B*K, V]
+        logp = _beam_logprobs(logits, allowed).repeat_interleave(K, dim=0)  # [B*K, V]
         V = logp.shape[-1]
         beam_scores = torch.zeros(B, K, device=dev)
         beam_scores[:, 1:] = float("-inf")  # all beams start equal: take the first K tokens from beam 0 only
         seqs: list[list[int]] = [[] for _ in range(B * K)]
 
         for t in range(T):
-            if eos_id is not None and t < min_new_tokens:
-                logp[:, eos_id] = float("-inf")
-            if no_repeat_ngram_size > 0:
-                for r, seq in enumerate(seqs):
-                    banned = _banned_ngram_tokens(seq, no_repeat_ngram_size)
-                    if banned:
-                        logp[r, banned] = float("-inf")
+            _ban(logp, seqs, t, eos_id, min_new_tokens, no_repeat_ngram_size)
             cand = (beam_scores.view(-1, 1) + logp).view(B, K * V)
             top_scores, top_ids = cand.topk(2 * K, dim=1)  # [B, 2K], sorted
             top_scores_l, top_ids_l = top_scores.tolist(), top_ids.tolist()
-
-            next_scores = [[0.0] * K for _ in range(B)]
-            next_tokens = [[pad_id] * K for _ in range(B)]
-            next_src = [[b * K] * K for b in range(B)]
+            rows = []  # per row: (scores [K], tokens [K], source beams in the row [K])
             for b in range(B):
                 if done[b]:
+                    rows.append(([0.0] * K, [pad_id] * K, [0] * K))
                     continue
-                j = 0
-                for rank in range(2 * K):
-                    score, flat = top_scores_l[b][rank], top_ids_l[b][rank]
-                    if score == float("-inf"):
-                        break
-                    src, tok = flat // V, flat % V
-                    if eos_id is not None and tok == eos_id:
-                        if rank < K:
-                            hyps[b].append((score / (t + 1) ** length_penalty, seqs[b * K + src] + [tok]))
-                            hyps[b].sort(key=lambda h: -h[0])
-                            del hyps[b][K:]
-                        continue
-                    next_scores[b][j], next_tokens[b][j], next_src[b][j] = score, tok, b * K + src
-                    j += 1
-                    if j == K:
-                        break
-                for jj in range(j, K):  # fewer live candidates than beams (tiny/allowed vocab): dead beams
-                    next_scores[b][jj] = float("-inf")
-                if len(hyps[b]) >= K:
-                    if early_stopping or j == 0:
-                        done[b] = True
-                    else:
-                        best_running = max(next_scores[b]) / (t + 1) ** length_penalty
-                        done[b] = hyps[b][-1][0] >= best_running
-                elif j == 0:
-                    done[b] = True
-
-            src_flat = [s for row in next_src for s in row]
-            tok_flat = [x for row in next_tokens for x in row]
+                *row, done[b] = _select_row(top_scores_l[b], top_ids_l[b], V, K, t, seqs[b * K:(b + 1) * K],
+                                            hyps[b], eos_id, pad_id, length_penalty, early_stopping)
+                rows.append(row)
+            src_flat = [b * K + s for b, (_, _, src) in enumerate(rows) for s in src]
+            tok_flat = [x for _, toks, _ in rows for x in toks]
             seqs = [seqs[s] + [x] for s, x in zip(src_flat, tok_flat)]
-            beam_scores = torch.tensor(next_scores, device=dev)
+            beam_scores = torch.tensor([sc for sc, _, _ in rows], device=dev)
             if all(done) or t == T - 1:
                 break
-            src_t = torch.tensor(src_flat, device=dev)
             if K > 1:
-                cache.reorder_(src_t, length=P + t)
+                cache.reorder_(torch.tensor(src_flat, device=dev), length=P + t)
             x = torch.tensor(tok_flat, device=dev)[:, None] + token_offset
             logits = model(x, cache=cache, start_pos=P + t, logits_start=-1)[:, -1]
-            logp = logprobs_of(logits)
+            logp = _beam_logprobs(logits, allowed)
 
-    for b in range(B):  # rows that hit max_new_tokens: running beams become hypotheses
-        if not done[b]:
-            for k in range(K):
-                s = float(beam_scores[b, k])
-                if s != float("-inf"):
-                    seq = seqs[b * K + k]
-                    hyps[b].append((s / len(seq) ** length_penalty, seq))
-            hyps[b].sort(key=lambda h: -h[0])
-            del hyps[b][K:]
-    out = torch.full((B, R, T), pad_id, dtype=torch.long)
-    scores = torch.full((B, R), float("-inf"))
-    for b in range(B):
-        for r, (s, seq) in enumerate(hyps[b][:R]):
-            out[b, r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-            scores[b, r] = s
+    out, scores = _best_hypotheses(hyps, done, beam_scores, seqs, R, T, pad_id, length_penalty)
     return out.to(dev), scores.to(dev)
 
 
@@ -637,7 +628,7 @@ def score_sequences(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefi
     emb = prefix_embeds.to(dev) if prefix_embeds is not None else None
     chunk = max(1, max_logits_elements // max(1, T * model.config.n_out))
     rows = []
-    with _eval_mode(model), _autocast(dev, amp_dtype):
+    with _eval_mode(model), autocast(dev, amp_dtype):
         for i in range(0, B, chunk):
             sl = slice(i, i + chunk)
             x = inp[sl] if inp.shape[1] else None

@@ -22,8 +22,23 @@ SUBCOMMANDS = {
     "demo": "demo",
     "rerank": "rerank",
     "evaluate-images": "evaluate_images",
-    "serve": "serve",
 }
+
+# optional packages a subcommand module may import at load time -> the pip extra that installs them
+EXTRAS = {"tensorboard": "tensorboard", "fastapi": "serve", "uvicorn": "serve", "sacrebleu": "metrics",
+          "yaml": "yaml"}
+
+
+def _import_subcommand(name: str):
+    """The module of subcommand ``name``, or a TuwenError naming the extra to install when an optional package
+    it needs is missing (any other import error is a bug and propagates)."""
+    try:
+        return importlib.import_module(f"tuwen.cli.{SUBCOMMANDS[name]}")
+    except ModuleNotFoundError as e:
+        top = (e.name or "").partition(".")[0]
+        if top not in EXTRAS:
+            raise
+        return TuwenError(f"tuwen {name} needs the optional package {top}: pip install 'tuwen[{EXTRAS[top]}]'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,14 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "EasyNLP style also works: tuwen --mode=train|predict|evaluate --app_name=... (see README).",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, mod in SUBCOMMANDS.items():
-        try:
-            m = importlib.import_module(f"tuwen.cli.{mod}")
-        except ModuleNotFoundError as e:  # a module not written yet
-            if e.name == f"tuwen.cli.{mod}":
-                continue
-            raise
-        m.add_parser(sub)
+    for name in SUBCOMMANDS:
+        m = _import_subcommand(name)
+        if isinstance(m, TuwenError):  # still listed by --help; running it gives the error (main)
+            sub.add_parser(name, help=str(m), add_help=False)
+        else:
+            m.add_parser(sub)
     return p
 
 
@@ -55,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if _is_easynlp_style(argv):
             from . import easynlp
             return int(easynlp.main(argv) or 0)
+        if argv and argv[0] in SUBCOMMANDS and isinstance(m := _import_subcommand(argv[0]), TuwenError):
+            raise m
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):

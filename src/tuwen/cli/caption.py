@@ -39,7 +39,8 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import TuwenError
-    from ..tasks.captioning import Captioner, frames_of
+    from ..data.images import frames_of
+    from ..models.captioner import Captioner
     from ..runtime import init_distributed
 
     over = {}

@@ -26,7 +26,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--learning_rate", type=float, default=None)
     g.add_argument("--weight_decay", "--wd", dest="weight_decay", type=float, default=None)
     g.add_argument("--max_grad_norm", "--mn", dest="max_grad_norm", type=float, default=1.0)
-    g.add_argument("--optimizer_type", "--optimizer", dest="optimizer_type", default="AdamW")
+    g.add_argument("--optimizer_type", "--optimizer", dest="optimizer_type", default="AdamW",
+                   help="AdamW (decoupled weight decay) or Adam (weight decay as an L2 gradient term, like EasyNLP)")
     g.add_argument("--warmup_proportion", type=float, default=0.1)
     g.add_argument("--epoch_num", type=int, default=3)
     g.add_argument("--random_seed", type=int, default=1234)
@@ -89,3 +90,33 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--rerank", default=None, help="clip:DIR or caption:DIR: score candidates and keep the best")
     t.add_argument("--keep", type=int, default=None, help="with --rerank: how many candidates to keep per prompt")
     t.add_argument("--metric", default=None, help="evaluate: extra metric, e.g. 'attributes' on the synthetic set")
+
+
+# ----------------------------------------------------------------------------------------------- image output
+# (text→image: `tuwen generate`, `tuwen demo` and `--mode=predict --output_dir`)
+
+def sanitize_name(s, maxlen: int = 80) -> str:
+    """A safe file-name part from user text (idx values): no path separators, no dot-files, bounded length."""
+    import re
+    s = re.sub(r"[^\w\-.]+", "_", str(s), flags=re.UNICODE).strip("._") or "row"
+    return s[:maxlen]
+
+
+def write_images(out_dir, key, images: list, scores: list[float] | None = None) -> list[str]:
+    """``{key}_{k}.png`` (+ score in the name when reranked) and ``{key}_grid.png`` in ``out_dir``; returns the
+    file names."""
+    from pathlib import Path
+
+    from ..data.images import make_grid
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = sanitize_name(key)
+    names = []
+    for k, im in enumerate(images):
+        name = f"{base}_{k}.png" if scores is None else f"{base}_{k}_score{scores[k]:.3f}.png"
+        im.save(out_dir / name)
+        names.append(name)
+    if images:
+        make_grid(images).save(out_dir / f"{base}_grid.png")
+    return names

@@ -33,12 +33,11 @@ def run(a) -> int:
         except json.JSONDecodeError as e:
             raise TuwenError(f"{src / 'config.json'}: not valid JSON ({e})") from None
     if mt in ("artist", "text2image"):
-        from ..tasks.text2image import TextToImage
-        over = {"size": a.size} if a.size else {}
+        from ..models.text2image import TextToImage
         model = TextToImage.from_pretrained(src, vqgan_config=a.vqgan_config, vqgan_path=a.vqgan_path,
-                                            img_len=a.img_len, **over)
+                                            img_len=a.img_len, size=a.size)
     elif mt in ("mingpt_i2t", "artist_i2t", "captioner"):
-        from ..tasks.captioning import Captioner
+        from ..models.captioner import Captioner
         model = Captioner.from_pretrained(src)
     elif mt in (None, "vqgan") or not src.is_dir():
         from ..convert.taming import load_vqgan

@@ -30,24 +30,23 @@ def run(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import TuwenError
-    from ..tasks.text2image import TextToImage, write_images
+    from ..models.text2image import TextToImage
     from ..runtime import init_distributed
+    from .common import write_images
 
     if a.num_images < 1:
         raise TuwenError("-n/--num_images must be ≥ 1")
     model_path = a.model
     if model_path is None:
-        from ..demo import demo_model_path
+        from ..pipelines import demo_model_path
         model_path = demo_model_path()
     model = TextToImage.from_pretrained(model_path).to(init_distributed(a.device))
-    kw = {k: getattr(a, k) for k in ("top_k", "top_p", "guidance_scale") if getattr(a, k) is not None}
-    if a.temperature is not None:
-        kw["temperature"] = a.temperature
+    kw = {k: getattr(a, k) for k in ("top_k", "top_p", "temperature", "guidance_scale") if getattr(a, k) is not None}
     images = model.generate(a.prompts, num_images_per_prompt=a.num_images, seed=a.seed, batch_size=a.batch_size,
                             progress=True, **kw)
     scorer = None
     if a.rerank:
-        from ..tasks.rerank import load_scorer, rerank
+        from ..rerank import load_scorer, rerank
         scorer = load_scorer(a.rerank)
     keep = a.keep or a.num_images
     if keep > a.num_images:

@@ -29,7 +29,7 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def parse_columns(spec: str | None, flag: str) -> list[str]:
+def parse_columns(spec: str | None) -> list[str]:
     return [c.strip() for c in (spec or "").split(",") if c.strip()]
 
 

@@ -36,7 +36,7 @@ def run(args) -> int:
     from ..data.tables import BadRowReport
     from ..errors import TuwenError
     from ..hub import atomic_write_text
-    from ..tasks.rerank import load_scorer, order_by_score, rerank_file
+    from ..rerank import load_scorer, order_by_score, rerank_file
 
     if args.batch_size < 1:
         raise TuwenError("--batch_size must be ≥ 1")

@@ -64,7 +64,7 @@ def add_parser(subparsers) -> None:
 
 
 # =================================================================================================
-# `tuwen vq train` — stage-1 training on the shared trainer (tuwen.tasks.vq)
+# `tuwen vq train` — stage-1 training on the shared trainer (tuwen.training.tasks.vqgan)
 # =================================================================================================
 def add_train_parser(sub) -> None:
     from .common import add_data_flags, add_train_flags
@@ -110,9 +110,8 @@ def _loss_flags() -> dict:
 def _cmd_train(ns) -> int:
     from ..config import coerce
     from ..errors import TuwenError
-    from ..models.discriminator import VQLossConfig
     from ..models.vqgan import VQGANConfig, PRESETS
-    from ..tasks.vq import VQGANTrainTask, VQTrainSettings
+    from ..training.tasks.vqgan import VQGANTrainTask, VQLossConfig, VQTrainSettings
     from ..training.trainer import Trainer
     from .common import train_args_from
     import typing
@@ -164,22 +163,6 @@ def _table_args(q, text: bool, required: bool = False) -> None:
     q.add_argument("--num_workers", type=int, help="image-decoding worker processes (default: min(4, cores-1))")
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise TuwenError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TuwenError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return dev
-
-
 def _dtype(args):
     import torch
 
@@ -194,10 +177,11 @@ def _workers(args) -> int:
 
 def _load(args):
     from ..convert.taming import load_vqgan
+    from ..runtime import resolve_device
 
     if args.batch_size < 1:
         raise TuwenError("--batch_size must be ≥ 1")
-    return load_vqgan(args.model, device=_device(args.device))
+    return load_vqgan(args.model, device=resolve_device(args.device))
 
 
 def _model_signature(path: str) -> dict:

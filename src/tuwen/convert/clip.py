@@ -3,18 +3,19 @@
 Layouts that load (checked key for key and shape for shape; anything else is a TuwenError naming the keys):
 
 * **OpenAI CLIP ``.pt``** (``ViT-B-32.pt``, ``ViT-B-16.pt``, ``ViT-L-14.pt``, ``ViT-L-14-336px.pt``), either the
-  released TorchScript archive — read with ``torch.jit.load(path, map_location="cpu").state_dict()``, which runs no
-  Python code from the file (``torch.load(weights_only=True)`` cannot read TorchScript) — or a plain state dict
+  released TorchScript archive — its weights read by ``tuwen.convert.torchscript`` without running anything from
+  the file (``torch.jit.load`` would run the archive's code; ``torch.load(weights_only=True)`` cannot read
+  TorchScript) — or a plain state dict
   (``torch.save(model.state_dict())``, read with ``weights_only=True``). Only the image tower is used: the
   ``visual.*`` tensors → ``VisionTransformer`` (``load_openai_vit``). fp16 tensors become fp32. The architecture is
   read from the shapes (width, patch, grid, layers, output_dim; heads = width // 64 as in OpenAI's ``build_model``,
   16 for width 1280). OpenAI's text tower (BPE, English) is not used. ResNet image towers (``RN50`` …) do not load.
 * **Chinese-CLIP checkpoints** (``clip_cn_vit-b-16.pt`` …, ``torch.load`` → ``{"state_dict": {"module.visual.*",
   "module.bert.*", "module.text_projection", "module.logit_scale"}, "epoch", …}``; the ``module.`` prefix and the
-  ``state_dict`` wrapper are optional) → ``CLIP`` with the user's ``vocab.txt`` (Chinese-CLIP's vocabulary is the
-  21128-line Google Chinese BERT ``vocab.txt``; ``pip install --no-deps cn_clip`` ships it as
-  ``cn_clip/clip/vocab.txt``). ViT image towers only (not ``RN50``). The converted model sizes PIL inputs like
-  Chinese-CLIP (``image_resize="squash"``: ``Resize((S, S))``).
+  ``state_dict`` wrapper are optional) → ``CLIP`` (``tuwen.models.clip.load_chinese_clip``) with the user's
+  ``vocab.txt`` (Chinese-CLIP's vocabulary is the 21128-line Google Chinese BERT ``vocab.txt``;
+  ``pip install --no-deps cn_clip`` ships it as ``cn_clip/clip/vocab.txt``). ViT image towers only (not
+  ``RN50``). The converted model sizes PIL inputs like Chinese-CLIP (``image_resize="squash"``: ``Resize((S, S))``).
 * **HF transformers layouts** (``pytorch_model.bin`` / ``model.safetensors`` of ``CLIPModel``,
   ``CLIPVisionModel(WithProjection)`` and ``ChineseCLIPModel``): ``vision_model.*`` (separate q/k/v projections,
   ``pre_layrnorm``, ``layer_norm1/2``, ``mlp.fc1/fc2``) + ``visual_projection.weight`` are rewritten to the OpenAI
@@ -24,14 +25,14 @@ Layouts that load (checked key for key and shape for shape; anything else is a T
   Pooler, MLM/NSP heads and ``position_ids`` buffers are dropped.
 
     vit = load_openai_vit("/models/ViT-B-32.pt")                         # image tower only
-    clip = load_chinese_clip("/models/clip_cn_vit-b-16.pt", "/models/vocab.txt")
-    convert_chinese_clip("/models/clip_cn_vit-b-16.pt", "/models/vocab.txt", "models/cnclip-b16")  # tuwen folder
+    sd, fields = chinese_clip_state_dict("/models/clip_cn_vit-b-16.pt", tokenizer)   # → tuwen.models.clip
+
+Whole CLIP models (``load_chinese_clip`` / ``convert_chinese_clip``) are built in ``tuwen.models.clip``.
 """
 from __future__ import annotations
 
 import json
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -40,16 +41,9 @@ from ..errors import TuwenError
 from ..hub import load_state_dict_checked, load_torch_file, load_weights
 from ..models.text_encoder import TextEncoder, TextEncoderConfig
 from ..models.vit import ViTConfig, VisionTransformer, resize_pos_embed
+from .torchscript import is_torchscript, read_torchscript_state_dict
 
 # ----------------------------------------------------------------------------------------------- reading
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
-
 
 def _unwrap(obj, source: str) -> dict:
     """Checkpoint dict → flat state dict (``state_dict`` / ``model`` / ``module`` wrappers, ``module.`` prefixes)."""
@@ -79,14 +73,8 @@ def read_state_dict(path_or_sd, what: str = "checkpoint") -> dict[str, torch.Ten
             sd = _unwrap(load_weights(path), str(path))
         elif path.suffix == ".safetensors":
             sd = load_weights(path)
-        elif _is_torchscript(path):
-            import warnings
-            try:
-                with warnings.catch_warnings():    # "torch.jit.load is deprecated": still the way to read the file
-                    warnings.simplefilter("ignore")
-                    sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-            except Exception as e:
-                raise TuwenError(f"{path}: looks like a TorchScript archive but torch.jit.load failed ({e})") from None
+        elif is_torchscript(path):
+            sd = read_torchscript_state_dict(path)
         else:
             sd = _unwrap(load_torch_file(path), str(path))
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
@@ -276,12 +264,12 @@ def load_bert_into(encoder: TextEncoder, sd: dict, source: str = "checkpoint") -
 
 def chinese_clip_state_dict(path_or_sd, tokenizer, image_size: int | None = None, context_length: int = 52,
                             vision_heads: int | None = None, text_heads: int | None = None):
-    """A Chinese-CLIP (or HF ChineseCLIPModel) checkpoint → (tuwen CLIP state dict, CLIPConfig).
+    """A Chinese-CLIP (or HF ChineseCLIPModel) checkpoint → (CLIP state dict, CLIPConfig fields).
 
+    The fields are ``{"embed_dim", "vision": ViTConfig, "text": TextEncoderConfig}`` (``tuwen.models.clip``
+    builds the model from them). ``logit_scale`` is in the state dict only when the checkpoint has it.
     Head counts are not stored in the weights: by default width // 64 (16 for width 1280), as in all released
     Chinese-CLIP models; ``vision_heads`` / ``text_heads`` override."""
-    from ..tasks.clip import CLIPConfig
-
     what = str(path_or_sd) if not isinstance(path_or_sd, dict) else "state dict"
     sd = _from_hf(read_state_dict(path_or_sd, "cnclip_ckpt_path"))
     if "text_projection" not in sd or not any(k.startswith("bert.") for k in sd):
@@ -299,45 +287,9 @@ def chinese_clip_state_dict(path_or_sd, tokenizer, image_size: int | None = None
                          f"{tokenizer.vocab_size} ids; pass Chinese-CLIP's vocab.txt (21128 lines)")
     if context_length > t.max_position_embeddings:
         raise TuwenError(f"context_length {context_length} exceeds the {t.max_position_embeddings} text positions")
-    cfg = CLIPConfig(embed_dim=int(embed), vision=v, text=t.replace(pad_token_id=tokenizer.pad_id),
-                     context_length=context_length, image_resize="squash")
     out = {f"visual.{k}": x for k, x in vis.items()}
     out.update({f"bert.{k}": x for k, x in bert.items()})
     out["text_projection"] = sd["text_projection"]
-    out["logit_scale"] = sd.get("logit_scale", torch.tensor(cfg.logit_scale_init)).reshape(())
-    return out, cfg
-
-
-def load_clip_into(model, sd: dict, source: str = "checkpoint") -> None:
-    """Load a tuwen-layout CLIP state dict (``visual.*``, ``bert.*``, ``text_projection``, ``logit_scale``)."""
-    sd = dict(sd)
-    pos = sd.get("visual.positional_embedding")
-    if pos is not None and pos.shape[0] != model.visual.positional_embedding.shape[0]:
-        sd["visual.positional_embedding"] = resize_pos_embed(pos, model.visual.config.grid)
-    dtype = model.text_projection.dtype
-    load_state_dict_checked(model, {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()},
-                            str(source))
-
-
-def _tokenizer(vocab):
-    from ..text.tokenizer import TextTokenizer
-    return vocab if isinstance(vocab, TextTokenizer) else TextTokenizer.from_pretrained(vocab)
-
-
-def load_chinese_clip(path_or_sd, vocab, image_size: int | None = None, context_length: int = 52,
-                      vision_heads: int | None = None, text_heads: int | None = None):
-    """Chinese-CLIP checkpoint + its ``vocab.txt`` (path, folder or TextTokenizer) → ``tuwen.tasks.clip.CLIP``."""
-    from ..tasks.clip import CLIP
-
-    tok = _tokenizer(vocab)
-    sd, cfg = chinese_clip_state_dict(path_or_sd, tok, image_size, context_length, vision_heads, text_heads)
-    model = CLIP(cfg, tok)
-    load_clip_into(model, sd, str(path_or_sd) if not isinstance(path_or_sd, dict) else "state dict")
-    return model.eval()
-
-
-def convert_chinese_clip(src, vocab, out_dir, image_size: int | None = None, context_length: int = 52,
-                         vision_heads: int | None = None, text_heads: int | None = None) -> Path:
-    """Write a tuwen CLIP folder (config.json + model.safetensors + vocab.txt) from a Chinese-CLIP checkpoint."""
-    return load_chinese_clip(src, vocab, image_size, context_length, vision_heads,
-                             text_heads).save_pretrained(out_dir)
+    if "logit_scale" in sd:
+        out["logit_scale"] = sd["logit_scale"].reshape(())
+    return out, {"embed_dim": int(embed), "vision": v, "text": t.replace(pad_token_id=tokenizer.pad_id)}

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import TuwenError
-from ..hub import load_state_dict_checked, load_torch_file, load_weights
+from ..hub import load_state_dict_checked, load_torch_file, load_weights, read_model_type, resolve_model_path
 from ..models.vqgan import VQGAN, VQGANConfig
 
 PREFIX = "first_stage_model."
@@ -264,20 +264,11 @@ def load_vqgan(name_or_path: str | os.PathLike, device: str | torch.device | Non
     """Any VQGAN source: a tuwen VQGAN folder (``config.json`` with model_type vqgan, or a model folder with a
     ``vqgan/`` part), or anything ``vqgan_from_taming`` reads (taming ``.ckpt``, ``vqgan_f16_16384.bin``, an EasyNLP
     model folder with ``first_stage_model.*`` weights)."""
-    from ..hub import CONFIG_NAME, resolve_model_path
-
     path = resolve_model_path(name_or_path, what="VQGAN",
                               expect="config.json + model.safetensors (tuwen vq import makes one), or a taming "
                                      ".ckpt / .bin state dict")
-
-    def model_type_of(folder: Path) -> str | None:
-        try:
-            return json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("model_type")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            return None
-
-    model_type = model_type_of(path) if path.is_dir() else None
-    if model_type != VQGANConfig.model_type and path.is_dir() and model_type_of(path / "vqgan") == "vqgan":
+    model_type = read_model_type(path) if path.is_dir() else None
+    if model_type != VQGANConfig.model_type and path.is_dir() and read_model_type(path / "vqgan") == "vqgan":
         path, model_type = path / "vqgan", VQGANConfig.model_type  # composite tuwen model with a vqgan/ part
     if model_type == VQGANConfig.model_type and config is None:
         model = VQGAN.from_pretrained(path)

@@ -1,12 +1,20 @@
-"""Image decoding (base64 / bytes / paths, any mode → RGB) and preprocessing (resize, crop, scale to [-1, 1])."""
+"""Image decoding (base64 / bytes / paths, any mode → RGB) and preprocessing (resize, crop, scale to [-1, 1]).
+
+Model inputs: ``open_any_image`` (any image input → RGB PIL), ``frames_of`` / ``fit_frames`` (video inputs),
+``load_pixels`` (one input → uint8 [S, S, 3] as a model takes it), ``to_uint8_batch`` (in-memory images → uint8
+[B, S, S, 3]) and ``ImageProcessor`` (images → normalised float pixels [B, 3, S, S]).
+"""
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
+import os
 import random
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -14,10 +22,17 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from ..errors import TuwenError
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is a bad row, not a half-grey picture
 Image.MAX_IMAGE_PIXELS = 20000 * 20000
 
 _STD_TABLE = bytes.maketrans(b"-_", b"+/")
+
+# OpenAI CLIP's image normalisation (also Chinese-CLIP's); ``tuwen.models.vit`` re-exports them
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_RULES = ("center_crop", "squash")
 
 
 class ImageDecodeError(ValueError):
@@ -201,3 +216,190 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None, pad: int =
         grid.paste(im.convert("RGB").resize((w, h)) if im.size != (w, h) else im.convert("RGB"),
                    (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
+
+
+# =============================================================================================== model inputs
+
+def _is_file(p: Path) -> bool:
+    try:
+        return len(str(p)) < 4096 and p.is_file()
+    except OSError:  # e.g. a base64 string too long to be a file name
+        return False
+
+
+def is_dir(p: Path) -> bool:
+    """``p.is_dir()`` that is False (not an OSError) for strings too long to be a path."""
+    try:
+        return len(str(p)) < 4096 and p.is_dir()
+    except OSError:
+        return False
+
+
+def open_any_image(x, root: str | None = None, target_size: int | None = None) -> Image.Image:
+    """A PIL image, path, bytes, uint8 HWC array or base64 string (a path when ``root`` is given or the string
+    names an existing file) → RGB PIL image. Raises ``ImageDecodeError`` (a ValueError) with the reason.
+    ``target_size``: see ``open_image`` (JPEG draft decoding of much larger files)."""
+    if isinstance(x, Image.Image):
+        return to_rgb(x)
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[-1] != 3:
+            raise ImageDecodeError(f"numpy images must be uint8 [H, W, 3], got {x.dtype} {x.shape}")
+        return Image.fromarray(x, "RGB")
+    if isinstance(x, (bytes, bytearray)):
+        return open_image(bytes(x), target_size)
+    if isinstance(x, os.PathLike):
+        return open_image(Path(root, x) if root else Path(x), target_size)
+    if isinstance(x, str):
+        s = x.strip()
+        if root is not None:
+            return open_image(Path(root, s), target_size)
+        if not s.startswith("data:") and ("/" in s or "." in s[-6:]) and _is_file(Path(s).expanduser()):
+            return open_image(Path(s).expanduser(), target_size)
+        return open_image(s, target_size)
+    raise ImageDecodeError(f"unsupported image input {type(x).__name__} (PIL image, path, bytes, base64 string "
+                           f"or uint8 array)")
+
+
+def frames_of(x, root: str | None = None) -> list:
+    """A video input → list of frames: a list/tuple of frames, a JSON list of base64 strings / paths, a
+    comma-separated list of paths, or a folder of frame images (sorted by name)."""
+    from .tables import IMAGE_EXTS
+
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    if isinstance(x, (str, os.PathLike)):
+        s = str(x).strip()
+        if s.startswith("["):
+            return decode_frames(s)
+        p = Path(root, s) if root else Path(s).expanduser()
+        if is_dir(p):
+            files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+            if not files:
+                raise ValueError(f"{p}: a folder without frame images")
+            return files
+        if "," in s and len(s) < 8192:
+            return [t.strip() for t in s.split(",") if t.strip()]
+        return [s]
+    return [x]
+
+
+_pad_warnings = [0]
+
+
+def fit_frames(frames: list, frame_num: int, where: str = "", strict: bool = False) -> list:
+    """Exactly ``frame_num`` frames: the first ``frame_num`` of a longer video (EasyNLP), a shorter one padded by
+    repeating its last frame (a warning on stderr for the first few) or, with ``strict``, a ValueError."""
+    if not frames:
+        raise ValueError("the video has no frames")
+    if len(frames) >= frame_num:
+        return list(frames[:frame_num])
+    msg = f"the video has {len(frames)} frame(s) but frame_num={frame_num}"
+    if strict:
+        raise ValueError(f"{msg} (--strict rejects short videos; without it they are padded by repeating the "
+                         f"last frame)")
+    _pad_warnings[0] += 1
+    if _pad_warnings[0] <= 3:
+        more = "" if _pad_warnings[0] < 3 else " (further padding warnings are not shown)"
+        print(f"warning: {where + ': ' if where else ''}{msg}; padded by repeating the last frame{more}",
+              file=sys.stderr, flush=True)
+    return list(frames) + [frames[-1]] * (frame_num - len(frames))
+
+
+def _check_resize(resize: str) -> None:
+    if resize not in RESIZE_RULES:
+        raise TuwenError(f"resize must be 'center_crop' or 'squash', got {resize!r}")
+
+
+def fit_image(img: Image.Image, size: int, resize: str = "center_crop", random_crop: bool = False) -> np.ndarray:
+    """RGB PIL → uint8 [size, size, 3]. ``resize="center_crop"``: OpenAI's / taming's transform (shortest side to
+    ``size`` bicubic, then a center crop, or a random one with ``random_crop``); ``"squash"``: Chinese-CLIP's /
+    albumentations' ``Resize((size, size))`` (bicubic, aspect ratio not kept; ``random_crop`` does not apply)."""
+    _check_resize(resize)
+    if resize == "squash":
+        img = img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
+    else:
+        img = resize_crop(img, size, random_crop)
+    return to_array(img)
+
+
+def load_pixels(image, size: int, resize: str = "center_crop", random_crop: bool = False,
+                root: str | None = None) -> np.ndarray:
+    """One image input (anything ``open_any_image`` takes) → uint8 [size, size, 3] sized as the model expects."""
+    _check_resize(resize)
+    return fit_image(open_any_image(image, root, target_size=size), size, resize, random_crop)
+
+
+def to_uint8_batch(images, size: int, resize: str = "center_crop") -> np.ndarray:
+    """PIL images / uint8 HWC arrays → uint8 [B, size, size, 3] (see ``fit_image`` for ``resize``); arrays that
+    already are ``size``×``size`` pass as they are."""
+    _check_resize(resize)
+    if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
+        images = [images]
+    out = []
+    for im in images:
+        if isinstance(im, np.ndarray):
+            if im.dtype != np.uint8 or im.ndim != 3 or im.shape[-1] != 3:
+                raise TuwenError(f"preprocess: numpy images must be uint8 [H, W, 3], got {im.dtype} {im.shape}")
+            if im.shape[:2] == (size, size):
+                out.append(im)
+                continue
+            im = Image.fromarray(im, "RGB")
+        elif not isinstance(im, Image.Image):
+            raise TuwenError(f"preprocess: unsupported image type {type(im).__name__} (PIL image or uint8 array)")
+        out.append(fit_image(to_rgb(im), size, resize))
+    if not out:
+        raise TuwenError("preprocess: no images given")
+    return np.stack(out)
+
+
+@dataclasses.dataclass
+class ImageProcessor:
+    """Image inputs → the float pixels a model takes, [B, 3, size, size].
+
+    ``value_range="0,1"``: ``(x / 255 - mean) / std`` (CLIP / ViT towers); ``"-1,1"``: ``x / 127.5 - 1`` (VQGAN
+    encoders; mean/std unused). ``resize``: see ``fit_image``.
+    """
+
+    size: int = 224
+    resize: str = "center_crop"
+    mean: Sequence[float] = CLIP_MEAN
+    std: Sequence[float] = CLIP_STD
+    value_range: str = "0,1"
+
+    def __post_init__(self):
+        _check_resize(self.resize)
+        if self.value_range not in ("0,1", "-1,1"):
+            raise TuwenError(f"value_range must be '0,1' or '-1,1', got {self.value_range!r}")
+
+    def load(self, image, root: str | None = None, random_crop: bool = False) -> np.ndarray:
+        """One input (path, bytes, base64, PIL, uint8 array) → uint8 [size, size, 3]."""
+        return load_pixels(image, self.size, self.resize, random_crop, root)
+
+    def normalize(self, pixels):
+        """uint8 tensor [..., H, W, 3] (any device) → float32 [..., 3, H, W] on the same device."""
+        import torch
+
+        x = pixels.movedim(-1, -3).float()
+        if self.value_range == "-1,1":
+            return x.div_(127.5).sub_(1.0)
+        mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
+        return (x.div_(255.0) - mean) / std
+
+    def __call__(self, images, root: str | None = None, device=None):
+        """Images → float32 [B, 3, size, size] on ``device``. ``images``: one input or a list (PIL images, uint8
+        arrays, paths, bytes, base64 strings), or a uint8 tensor [B, H, W, 3] (normalised as it is)."""
+        import torch
+
+        if torch.is_tensor(images):
+            if images.dtype != torch.uint8:
+                raise TuwenError(f"ImageProcessor: tensors must be uint8 [B, H, W, 3], got {images.dtype}")
+            return self.normalize(images.to(device) if device is not None else images)
+        if isinstance(images, (Image.Image, np.ndarray, str, bytes, bytearray, os.PathLike)):
+            if not (isinstance(images, np.ndarray) and images.ndim == 4):
+                images = [images]
+        arrs = [self.load(x, root) for x in images]
+        if not arrs:
+            raise TuwenError("ImageProcessor: no images given")
+        x = torch.from_numpy(np.stack(arrs))
+        return self.normalize(x.to(device) if device is not None else x)

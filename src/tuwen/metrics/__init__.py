@@ -11,7 +11,8 @@ import importlib
 
 _LAZY = {
     "retrieval_ranks": "retrieval", "rank_metrics": "retrieval", "retrieval_metrics": "retrieval",
-    "image_text_retrieval": "retrieval",
+    "image_text_retrieval": "retrieval", "embed_rows": "retrieval", "read_class_prompts": "retrieval",
+    "zero_shot_classifier": "retrieval",
     "feature_statistics": "image", "frechet_distance": "image", "fd_from_features": "image", "kid": "image",
     "clip_score": "image", "load_feature_extractor": "image", "evaluate_images": "image",
     "iter_image_set": "image",

@@ -3,7 +3,7 @@ chooses, plus CLIP score. Nothing is downloaded: every network comes from a loca
 
 Feature spaces (``load_feature_extractor(spec)``):
 
-* ``clip:DIR`` — tuwen CLIP image tower (``tuwen.tasks.clip.CLIP`` folder): L2-normalised image embeddings
+* ``clip:DIR`` — tuwen CLIP image tower (``tuwen.models.clip.CLIP`` folder): L2-normalised image embeddings
   [N, embed_dim]; images sized by the model's own rule (OpenAI center crop, or Chinese-CLIP squash) to its
   ``image_size``.
 * ``vqgan:DIR`` — tuwen VQGAN encoder: pre-quantisation latents ``quant_conv(encoder(x))`` pooled over the code
@@ -24,7 +24,8 @@ Maths (float64 throughout): FD = ‖μ₁−μ₂‖² + tr Σ₁ + tr Σ₂ −
 square roots of the eigenvalues of the symmetric PSD matrix √Σ₁ Σ₂ √Σ₁ (eigen-decomposition; no scipy). KID is the
 unbiased MMD² with the polynomial kernel k(x, y) = (xᵀy / d + 1)³, averaged over ``subsets`` random subsets of
 ``subset_size`` from each set (torch-fidelity's / clean-fid's estimator; mean and std reported).
-CLIP score = 100 · max(cos(image, prompt), 0) per generated image, averaged.
+CLIP score = 100 · max(cos(image, prompt), 0) per generated image, averaged. Every feature network and CLIP
+runs in fp32 with autocast off (``runtime.autocast(device, torch.float32)``), so numbers do not depend on bf16.
 """
 from __future__ import annotations
 
@@ -38,8 +39,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from ..data.images import ImageDecodeError, decode_frames, open_image, resize_crop, to_rgb, to_uint8_batch
+from ..data.tables import IMAGE_EXTS, BadRow, BadRowReport
 from ..errors import TuwenError
+from ..hub import atomic_write_text, load_state_dict_checked, load_torch_file
+from ..models.clip import CLIP
+from ..models.vqgan import VQGAN
+from ..runtime import autocast, resolve_device
 
 # ----------------------------------------------------------------------------------------------- statistics
 
@@ -295,8 +303,6 @@ class FIDInceptionV3(nn.Module):
 
     @classmethod
     def from_file(cls, path: str | Path) -> "FIDInceptionV3":
-        from ..hub import load_state_dict_checked, load_torch_file
-
         obj = load_torch_file(path)
         if not isinstance(obj, dict):
             raise TuwenError(f"{path}: expected pytorch-fid's pt_inception-2015-12-05 state dict")
@@ -334,17 +340,6 @@ class FeatureExtractor:
                 "resize": self.resize_rule}
 
 
-def _device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _autocast(dev: torch.device):
-    """Metric features are computed in fp32 on every device (autocast off), so numbers do not depend on bf16."""
-    return torch.autocast(dev.type, enabled=False)
-
-
 def _split_spec(spec: str, flag: str) -> tuple[str, str]:
     if ":" not in spec:
         raise TuwenError(f"{flag} {spec!r}: expected KIND:PATH, e.g. clip:runs/clip, vqgan:runs/vq, "
@@ -360,7 +355,7 @@ def clip_extractor(model, spec: str, batch_size: int = 32) -> FeatureExtractor:
 
     @torch.inference_mode()
     def fn(images):
-        with _autocast(dev):
+        with autocast(dev, torch.float32):
             return model.encode_image(images).float().cpu().numpy()
     return FeatureExtractor(spec, "tuwen CLIP image tower (L2-normalised embeddings)", model.config.embed_dim,
                             model.config.image_size, rule, fn, batch_size, model)
@@ -369,23 +364,17 @@ def clip_extractor(model, spec: str, batch_size: int = 32) -> FeatureExtractor:
 def load_feature_extractor(spec: str, device=None, batch_size: int = 32, flag: str = "--features") -> FeatureExtractor:
     """``clip:DIR`` | ``vqgan:DIR`` | ``inception:FILE`` → FeatureExtractor (see the module docstring)."""
     kind, path = _split_spec(spec, flag)
-    dev = _device(device)
+    dev = resolve_device(device)
     if kind == "clip":
-        from ..tasks.clip import CLIP
         return clip_extractor(CLIP.from_pretrained(path, device=dev).eval(), spec, batch_size)
     if kind == "vqgan":
-        try:
-            from ..models.vqgan import VQGAN
-        except ImportError as e:
-            raise TuwenError(f"{flag} vqgan:…: the VQGAN model is not available in this build ({e})") from None
         vq = VQGAN.from_pretrained(path, device=dev).eval()
         res = int(vq.config.resolution)
 
         @torch.inference_mode()
         def fn(images):
-            from ..models.vit import to_uint8_batch
             x = torch.from_numpy(to_uint8_batch(images, res)).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            with _autocast(dev):
+            with autocast(dev, torch.float32):
                 z = vq.encode_latent(x.to(next(vq.parameters()).dtype))     # [B, embed_dim, h, w]
             z = z.float().flatten(2)                              # [B, D, h·w]
             return torch.cat([z.mean(2), z.std(2)], 1).cpu().numpy()
@@ -400,7 +389,6 @@ def load_feature_extractor(spec: str, device=None, batch_size: int = 32, flag: s
 
         @torch.inference_mode()
         def fn(images):
-            from ..data.images import to_rgb
             xs = []
             for im in images:   # [0, 1] floats, each resized to 299 like pytorch-fid
                 t = torch.from_numpy(np.asarray(to_rgb(im), dtype=np.uint8).copy()).to(dev)
@@ -431,9 +419,6 @@ def iter_image_set(path: str | Path, size: int | None = None, report=None, text_
     that cannot be decoded are added to ``report`` (``file:line: reason``) and skipped. ``size``: every image is
     first resized (shortest side, bicubic) + center-cropped to ``size``×``size``.
     """
-    from ..data.images import ImageDecodeError, decode_frames, open_image, resize_crop
-    from ..data.tables import IMAGE_EXTS, BadRow, BadRowReport
-
     report = report if report is not None else BadRowReport()
     p = Path(path).expanduser()
     count = 0
@@ -514,8 +499,6 @@ def extract_set(extractor: FeatureExtractor, path, size: int | None = None, repo
                 batch_size: int = 64, progress: bool | None = None, **set_kw) -> dict:
     """Stream an image set through the extractor (and CLIP for CLIP score). Returns {"features", "clip_scores"
     (or None), "n_images", "n_with_text"}."""
-    from tqdm import tqdm
-
     feats, scores = [], []
     n_text = 0
     reuse = clip_model is not None and extractor.model is clip_model   # features are CLIP embeddings already
@@ -528,7 +511,7 @@ def extract_set(extractor: FeatureExtractor, path, size: int | None = None, repo
             with_text = [k for k, b in enumerate(batch) if b.text]
             n_text += len(with_text)
             if with_text:
-                with torch.inference_mode(), _autocast(clip_model.device):
+                with torch.inference_mode(), autocast(clip_model.device, torch.float32):
                     ie = torch.from_numpy(f[with_text]) if reuse else \
                         clip_model.encode_image([imgs[k] for k in with_text]).float().cpu()
                     te = clip_model.encode_text([batch[k].text for k in with_text]).float().cpu()
@@ -548,7 +531,7 @@ def clip_score(model, texts: Sequence[str], images: Sequence, batch_size: int = 
         raise TuwenError(f"clip_score: {len(texts)} texts for {len(images)} images")
     out = []
     for i in range(0, len(images), batch_size):
-        with _autocast(model.device):
+        with autocast(model.device, torch.float32):
             ie = model.encode_image(list(images[i:i + batch_size])).float()
             te = model.encode_text(list(texts[i:i + batch_size])).float()
         out.append((100.0 * (ie * te).sum(-1).clamp(min=0)).cpu().numpy())
@@ -561,14 +544,11 @@ def evaluate_images(generated, reference=None, features: str | None = None, clip
                     progress: bool | None = None, max_bad_listed: int = 20, **set_kw) -> dict:
     """FD and KID between ``generated`` and ``reference`` (folders or TSVs) in the ``features`` space, and/or the
     CLIP score of ``generated`` against its prompts with the CLIP at ``clip``. Returns a JSON-able dict."""
-    from ..data.tables import BadRowReport
-    from ..tasks.clip import CLIP
-
     if features is None and clip is None:
         raise TuwenError("nothing to compute: give --features (with --reference) and/or --clip")
     if features is not None and reference is None:
         raise TuwenError("--features needs --reference (the real images to compare against)")
-    dev = _device(device)
+    dev = resolve_device(device)
     clip_dir = (clip[len("clip:"):] if clip.startswith("clip:") else clip) if clip else None
     clip_model = CLIP.from_pretrained(clip_dir, device=dev).eval() if clip_dir else None
     out: dict[str, Any] = {"generated": {"path": str(generated)}, "size": size,
@@ -650,5 +630,4 @@ def format_report(res: dict) -> str:
 
 
 def save_json(res: dict, path: str | Path) -> None:
-    from ..hub import atomic_write_text
     atomic_write_text(path, json.dumps(res, indent=2, ensure_ascii=False) + "\n")

@@ -1,6 +1,6 @@
 """Vision Transformer image tower with OpenAI CLIP's ``visual`` parameter names (Radford et al. 2021).
 
-Used by CLIP (``tuwen.tasks.clip``) and as the image prefix of the captioner. The state-dict names and the forward
+Used by CLIP (``tuwen.models.clip``) and as the image prefix of the captioner. The state-dict names and the forward
 pass are exactly those of OpenAI's ``model.visual`` (``VisionTransformer`` in openai/CLIP ``clip/model.py``, the
 same module in Chinese-CLIP), so the ``visual.*`` tensors of an OpenAI ``ViT-B-32.pt`` / ``ViT-L-14.pt`` load key
 for key (see ``tuwen.convert.clip.load_openai_vit``)::
@@ -38,17 +38,13 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import BaseConfig
+from ..data.images import CLIP_MEAN, CLIP_STD, to_uint8_batch  # CLIP_MEAN/CLIP_STD: OpenAI CLIP's normalisation
 from ..errors import TuwenError
-
-# OpenAI CLIP's image normalisation (also Chinese-CLIP's)
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # OpenAI CLIP image towers (heads = width // 64)
@@ -287,42 +283,6 @@ def normalize(x: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
-
-
-def to_uint8_batch(images, size: int, resize: str = "center_crop") -> np.ndarray:
-    """PIL images / uint8 HWC arrays → uint8 [B, size, size, 3].
-
-    ``resize="center_crop"``: OpenAI's transform (shortest side to ``size`` bicubic, then a center crop);
-    ``"squash"``: Chinese-CLIP's ``Resize((size, size))`` (bicubic, aspect ratio not kept).
-    """
-    if resize not in ("center_crop", "squash"):
-        raise TuwenError(f"resize must be 'center_crop' or 'squash', got {resize!r}")
-    from PIL import Image
-
-    from ..data.images import resize_crop, to_rgb
-
-    if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
-        images = [images]
-    out = []
-    for im in images:
-        if isinstance(im, np.ndarray):
-            if im.dtype != np.uint8 or im.ndim != 3 or im.shape[-1] != 3:
-                raise TuwenError(f"preprocess: numpy images must be uint8 [H, W, 3], got {im.dtype} {im.shape}")
-            if im.shape[:2] == (size, size):
-                out.append(im)
-                continue
-            im = Image.fromarray(im, "RGB")
-        elif not isinstance(im, Image.Image):
-            raise TuwenError(f"preprocess: unsupported image type {type(im).__name__} (PIL image or uint8 array)")
-        im = to_rgb(im)
-        if resize == "squash":
-            im = im if im.size == (size, size) else im.resize((size, size), Image.BICUBIC)
-        else:
-            im = resize_crop(im, size)
-        out.append(np.asarray(im, dtype=np.uint8))
-    if not out:
-        raise TuwenError("preprocess: no images given")
-    return np.stack(out)
 
 
 def uint8_to_input(x: torch.Tensor, mean: Sequence[float] = CLIP_MEAN,

@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BaseConfig
+from ..data.images import resize_crop, to_pil, to_rgb
 from ..errors import TuwenError
 from ..hub import PretrainedModel
+from ..runtime import autocast
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -412,15 +414,6 @@ class VectorQuantizer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- the model
 
-def _autocast_ctx(device: torch.device, dtype: torch.dtype | None):
-    """Plain fp32 (autocast switched off, even inside a caller's autocast) unless a low-precision dtype is asked."""
-    if dtype is None or dtype == torch.float32:
-        return torch.autocast(device.type, enabled=False)
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise TuwenError(f"VQGAN: dtype must be float32, bfloat16 or float16, got {dtype}")
-    return torch.autocast(device.type, dtype=dtype)
-
-
 class VQGAN(PretrainedModel):
     """taming's ``VQModel`` without the loss: ``encoder``, ``quant_conv``, ``quantize``, ``post_quant_conv``,
     ``decoder`` (343 tensors for f16_16384). Training objective: ``tuwen.models.discriminator``."""
@@ -492,8 +485,6 @@ class VQGAN(PretrainedModel):
             if not images:
                 raise TuwenError("VQGAN.encode: no images given")
             if isinstance(images[0], Image.Image):
-                from ..data.images import resize_crop, to_rgb
-
                 s = size or self.config.resolution
                 images = np.stack([np.asarray(resize_crop(to_rgb(im), s), dtype=np.uint8) for im in images])
             elif isinstance(images[0], np.ndarray):
@@ -543,7 +534,7 @@ class VQGAN(PretrainedModel):
         x = self.prepare_images(images, size)
         out = []
         for chunk in x.split(batch_size or x.shape[0]):
-            with _autocast_ctx(chunk.device, dtype):
+            with autocast(chunk.device, dtype or torch.float32):
                 z_e = self.encode_latent(chunk.to(self._param_dtype()))
             B, D, h, w = z_e.shape
             out.append(self.quantize.nearest(z_e.permute(0, 2, 3, 1).reshape(-1, D)).view(B, h, w))
@@ -598,7 +589,7 @@ class VQGAN(PretrainedModel):
         codes = self._codes_to_grid(codes, grid)
         out = []
         for chunk in codes.split(batch_size or max(1, codes.shape[0])):
-            with _autocast_ctx(chunk.device, dtype):
+            with autocast(chunk.device, dtype or torch.float32):
                 z_q = self.quantize.embed(chunk).to(self._param_dtype())
                 out.append(self.decode_latent(z_q).float().clamp_(-1.0, 1.0))
         return torch.cat(out) if out else torch.empty(0, self.config.out_ch, 0, 0, device=self.device)
@@ -606,8 +597,6 @@ class VQGAN(PretrainedModel):
     def decode_to_pil(self, codes, grid: Sequence[int] | None = None, batch_size: int | None = None,
                       dtype: torch.dtype | None = None) -> list:
         """``decode`` then convert to RGB PIL images."""
-        from ..data.images import to_pil
-
         return to_pil(self.decode(codes, grid, batch_size, dtype))
 
     def num_params(self) -> int:

@@ -6,7 +6,8 @@ A task supplies datasets, a trainable module whose ``forward(batch, step=...)`` 
 * single process on CPU or one GPU with no distributed setup; multi-GPU / multi-node under ``torchrun``
   (DDP, env-var initialisation, rank-0-only logging and saving, per-epoch sampler seeding);
 * bf16 autocast on CUDA (fp16 with a GradScaler on request), gradient accumulation (``no_sync`` on the
-  non-final micro-batches), clipping after unscaling, AdamW with warmup + linear/cosine decay;
+  non-final micro-batches), clipping after unscaling, AdamW (or EasyNLP's Adam: L2 weight decay) with warmup
+  + linear/cosine decay;
 * tqdm progress on rank 0 (loss, lr, items/s, ETA), a JSON-lines log of every optimizer step, optional TensorBoard;
 * bad rows are skipped and reported at the end (``--strict`` stops at the first);
 * atomic checkpoints with model, optimizer, scheduler, step, epoch, data position and RNG states, so that
@@ -250,6 +251,44 @@ def find_latest_checkpoint(path: str | Path) -> Path | None:
 
 # ------------------------------------------------------------------------------------------------- trainer
 
+@dataclasses.dataclass
+class _Run:
+    """What one ``Trainer.train()`` call sets up, plus its running sums (step/epoch/best stay on the Trainer)."""
+
+    module: nn.Module              # the bare module: checkpoints, clipping, after_step, evaluation
+    model: nn.Module               # what the micro-steps call: ``module`` wrapped in DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    sampler: EpochSampler
+    train_ds: Any
+    val_ds: Any
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total: int                     # optimizer steps of the whole run
+    epochs: int
+    save_every: int
+    log_file: Any = None           # train_log.jsonl (rank 0)
+    bar: Any = None                # tqdm
+    group_losses: dict[str, float] = dataclasses.field(default_factory=dict)  # sums over this accumulation group
+    group_n: int = 0
+    items_total: int = 0           # good rows seen by this rank
+    window: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per-step metrics since the last line
+    t_start: float = 0.0
+    step_start: int = 0
+    t_last: float = 0.0
+    items_last: int = 0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log_file:
+            self.log_file.close()
+
+
+_AMP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Trainer:
     def __init__(self, args: TrainArgs, task: Task, log: Callable[[str], None] | None = None):
         args.validate()
@@ -262,29 +301,37 @@ class Trainer:
         prec = args.precision
         if prec == "auto":
             prec = "bf16" if self.device.type == "cuda" else "fp32"
-        if prec in ("bf16", "fp16") and self.device.type != "cuda":
-            if prec == "fp16":
-                raise TuwenError("--precision fp16 needs a CUDA device; use fp32 (or bf16) on CPU")
+        if prec == "fp16" and self.device.type != "cuda":
+            raise TuwenError("--precision fp16 needs a CUDA device; use fp32 (or bf16) on CPU")
         self.precision = prec
+        self.amp_dtype = _AMP_DTYPES[prec]
         self.report = BadRowReport(args.max_bad_listed)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
         self.best: float | None = None
         self.history: list[dict] = []
+        self.module: nn.Module | None = None  # the trained module after train() (or the one evaluate() built)
+        self._tb = None                       # TensorBoard writer on rank 0 while train() runs, else None
 
     def log(self, msg: str) -> None:
         if self.is_main:
             self._print(msg)
 
-    # ------------------------------------------------------------------ setup
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        if self.precision == "fp16":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+    @property
+    def writer(self):
+        """The TensorBoard ``SummaryWriter`` of the running ``train()`` on rank 0; None otherwise."""
+        return self._tb
 
+    def log_images(self, tag: str, images: list, step: int | None = None) -> None:
+        """Show PIL images as one grid in TensorBoard (nothing when TensorBoard is off or on other ranks)."""
+        if not (self.is_main and self._tb and images):
+            return
+        from ..data.images import make_grid
+        grid = np.asarray(make_grid(images))
+        self._tb.add_image(tag, grid, self.step if step is None else step, dataformats="HWC")
+
+    # ------------------------------------------------------------------ setup
     def _loader(self, dataset, sampler, batch_size: int, epoch: int) -> DataLoader:
         nw = self.args.num_workers
         if nw is None:
@@ -296,7 +343,9 @@ class Trainer:
                           generator=torch.Generator().manual_seed(self.args.random_seed + epoch),
                           persistent_workers=False, drop_last=False)
 
-    def _make_optimizer(self, module: nn.Module):
+    def _make_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        """AdamW (decoupled weight decay), or Adam for ``--optimizer_type Adam`` with weight decay added to the
+        gradient as an L2 term, like EasyNLP's Adam."""
         groups = self.task.param_groups(module, self.args.weight_decay)
         groups = [g for g in groups if g["params"]]
         if not groups:
@@ -304,7 +353,266 @@ class Trainer:
         kw = {"lr": self.args.learning_rate, "betas": self.task.betas}
         if self.device.type == "cuda":
             kw["fused"] = True
+        if self.args.optimizer_type.lower() == "adam":
+            return torch.optim.Adam(groups, **kw)
         return torch.optim.AdamW(groups, **kw)
+
+    def _resume_path(self) -> Path | None:
+        """The checkpoint ``--resume`` names (None: no --resume, or ``auto`` with nothing saved yet)."""
+        a = self.args
+        if not a.resume:
+            return None
+        path = find_latest_checkpoint(self.ckpt_dir if a.resume == "auto" else a.resume)
+        if path is None:
+            if a.resume != "auto":
+                raise TuwenError(f"--resume {a.resume}: no checkpoint found there")
+            self.log(f"--resume auto: no checkpoint in {self.ckpt_dir / CKPT_DIR}; starting from scratch")
+        return path
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        """DDP under torchrun, torch.compile on request."""
+        model = module
+        if self.world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=True, find_unused_parameters=getattr(self.task, "find_unused_parameters", False))
+        if self.args.compile:
+            model = torch.compile(model)
+        return model
+
+    def _setup(self) -> _Run:
+        """Build the module, data, optimizer and schedule; resume; open the logs (rank 0) and the progress bar."""
+        a = self.args
+        seed_everything(a.random_seed)
+        module = self.task.build_module().to(self.device)
+        module.train()
+        self.module = module
+        train_ds = self.task.train_dataset()
+        val_ds = self.task.val_dataset() if a.do_eval else None
+        if len(train_ds) == 0:
+            raise TuwenError("the training data has no rows")
+        optimizer = self._make_optimizer(module)
+        sampler = EpochSampler(len(train_ds), shuffle=True, seed=a.random_seed, rank=self.rank, world=self.world)
+        batches_per_epoch = math.ceil(sampler.per_rank / a.micro_batch_size)
+        steps_per_epoch = math.ceil(batches_per_epoch / a.gradient_accumulation_steps)
+        total = a.max_steps or steps_per_epoch * a.epoch_num
+        warmup = int(a.warmup_proportion * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(a.lr_schedule, warmup, total))
+        scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+
+        path = self._resume_path()
+        if path is not None:
+            self._load_checkpoint(path, module, optimizer, scheduler, scaler)
+        if self.step == 0:
+            seed_everything(a.random_seed + self.rank)
+
+        run = _Run(module=module, model=self._wrap(module), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                   sampler=sampler, train_ds=train_ds, val_ds=val_ds, batches_per_epoch=batches_per_epoch,
+                   steps_per_epoch=steps_per_epoch, total=total, epochs=math.ceil(total / steps_per_epoch),
+                   save_every=a.save_checkpoint_steps or steps_per_epoch)
+        if self.is_main:
+            run.log_file = self._open_logs(run)
+        from tqdm import tqdm
+        # tqdm's disable=None: on only when stderr is a terminal
+        disable = True if (not self.is_main or a.progress is False) else (None if a.progress is None else False)
+        run.bar = tqdm(total=total, initial=self.step, desc=self.task.name, unit="step", dynamic_ncols=True,
+                       disable=disable, file=sys.stderr)
+        run.t_start = run.t_last = time.time()
+        run.step_start = self.step
+        return run
+
+    def _open_logs(self, run: _Run):
+        """Rank 0: train_config.json, the JSON-lines log (cut back to the resumed step), TensorBoard, a summary."""
+        a = self.args
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.ckpt_dir / "train_config.json",
+                          json.dumps({"args": dataclasses.asdict(a), "task": self.task.describe(),
+                                      "world_size": self.world, "precision": self.precision,
+                                      "device": str(self.device)}, indent=2, ensure_ascii=False) + "\n")
+        log_path = self.ckpt_dir / LOG_NAME
+        kept = []
+        if self.step and log_path.exists():  # drop log lines written after the checkpoint we resumed from
+            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+        atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
+        self._tb = self._open_tensorboard()
+        n_params = sum(p.numel() for p in run.module.parameters() if p.requires_grad)
+        self.log(f"training {self.task.name}: {len(run.train_ds)} rows, {run.total} steps "
+                 f"({run.steps_per_epoch}/epoch × {run.epochs} epoch(s)), batch {a.micro_batch_size}×"
+                 f"{a.gradient_accumulation_steps} accumulation×{self.world} process(es), "
+                 f"{n_params / 1e6:.2f}M trainable parameters, {self.device}, {self.precision}")
+        return open(log_path, "a", encoding="utf-8")
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> dict[str, Any]:
+        """Train until ``max_steps`` / ``epoch_num``; returns the step, best metric, eval history, bad-row count."""
+        run = self._setup()
+        try:
+            while self.step < run.total and self.epoch < run.epochs:
+                self._train_epoch(run)
+        finally:
+            run.close()
+        self._finish(run)
+        return {"step": self.step, "best": self.best, "history": self.history, "bad_rows": self.report.count}
+
+    def _train_epoch(self, run: _Run) -> None:
+        """From ``batch_in_epoch`` to the end of the epoch (or of the run): micro-steps grouped into optimizer steps."""
+        a = self.args
+        micro = self.batch_in_epoch
+        run.sampler.set_epoch(self.epoch, micro * a.micro_batch_size)
+        run.group_losses, run.group_n = {}, 0
+        for batch in self._loader(run.train_ds, run.sampler, a.micro_batch_size, self.epoch):
+            group_start = (micro // a.gradient_accumulation_steps) * a.gradient_accumulation_steps
+            group_size = min(a.gradient_accumulation_steps, run.batches_per_epoch - group_start)
+            last_in_group = micro + 1 == group_start + group_size
+            self._micro_step(run, batch, group_size, sync=last_in_group)
+            micro += 1
+            if not last_in_group:
+                continue
+            lr, grad_norm = self._optimizer_step(run, micro)
+            self._log_step(run, lr, grad_norm)
+            if self.step % run.save_every == 0 or self.step == run.total:
+                self._eval_and_save(run)
+            if self.step >= run.total:
+                return
+        if self.batch_in_epoch != 0:  # loader ended early (cannot happen unless data changed)
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def _micro_step(self, run: _Run, batch: dict, group_size: int, sync: bool) -> None:
+        """Forward and backward of one micro-batch (loss / group_size); gradients sync across ranks only if ``sync``.
+
+        A batch whose rows are all bad is skipped — on every rank when it is empty on any, so that DDP stays in step.
+        """
+        self._note_bad(batch)
+        n_good = int(batch["size"])
+        skip = n_good == 0
+        if self.world > 1:
+            skip = bool(D.all_reduce_sum(torch.tensor([float(skip)], device=self.device)).item())
+        if skip:
+            return
+        batch = _to_device(batch, self.device)
+        ctx = contextlib.nullcontext() if sync or self.world == 1 else run.model.no_sync()
+        with ctx:
+            with D.autocast(self.device, self.amp_dtype):
+                out = run.model(batch, step=self.step)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise TuwenError(f"loss became {loss.item()} at step {self.step}; lower "
+                                 "--learning_rate or use --precision fp32")
+            scaled = loss / group_size
+            (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+        for k, v in out.items():
+            if torch.is_tensor(v) and v.numel() == 1:
+                run.group_losses[k] = run.group_losses.get(k, 0.0) + float(v.detach())
+        run.group_n += 1
+        run.items_total += n_good
+
+    def _optimizer_step(self, run: _Run, micro: int) -> tuple[float, float | None]:
+        """Unscale, clip, step, advance the schedule and the position; returns (lr this step used, grad norm)."""
+        a = self.args
+        if run.scaler:
+            run.scaler.unscale_(run.optimizer)
+        grad_norm = None
+        if a.max_grad_norm and a.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(run.module.parameters(), a.max_grad_norm))
+        if run.scaler:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step used
+        run.scheduler.step()
+        self.step += 1
+        self.batch_in_epoch = micro
+        if micro >= run.batches_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.task.after_step(unwrap(run.module), self.step)
+        return lr, grad_norm
+
+    def _log_step(self, run: _Run, lr: float, grad_norm: float | None) -> None:
+        """Group means (averaged over ranks) to the JSON-lines log, tqdm and TensorBoard; a text line every
+        ``logging_steps``."""
+        metrics = {k: v / max(run.group_n, 1) for k, v in run.group_losses.items()}
+        if self.world > 1 and metrics:
+            keys = sorted(metrics)
+            vec = D.all_reduce_sum(torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
+                                                device=self.device)) / self.world
+            metrics = dict(zip(keys, vec.tolist()))
+        run.group_losses, run.group_n = {}, 0
+        if self.is_main:
+            rec = {"step": self.step, "epoch": self.epoch, "lr": lr, **metrics}
+            if grad_norm is not None:
+                rec["grad_norm"] = grad_norm
+            run.log_file.write(json.dumps(rec) + "\n")
+            run.log_file.flush()
+            for k, v in metrics.items():
+                run.window.setdefault(k, []).append(v)
+            run.bar.update(1)
+            run.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}")
+            if self._tb:
+                for k, v in metrics.items():
+                    self._tb.add_scalar(f"train/{k}", v, self.step)
+                self._tb.add_scalar("train/lr", lr, self.step)
+        if self.step % self.args.logging_steps == 0 or self.step == run.total:
+            now = time.time()
+            rate = (run.items_total - run.items_last) * self.world / max(now - run.t_last, 1e-9)
+            run.t_last, run.items_last = now, run.items_total
+            means = {k: sum(v) / len(v) for k, v in run.window.items()}
+            run.window = {}
+            shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+            eta = (run.total - self.step) * (now - run.t_start) / max(1, self.step - run.step_start)
+            self.log(f"step {self.step}/{run.total} epoch {self.epoch} {shown} lr {lr:.3e} "
+                     f"{rate:.1f} items/s eta {eta / 60:.1f} min")
+            if self._tb:
+                self._tb.add_scalar("train/items_per_s", rate, self.step)
+
+    def _eval_and_save(self, run: _Run) -> None:
+        """Evaluate; save the inference model when the best metric improved (or there is none); checkpoint."""
+        metrics = {}
+        if run.val_ds is not None and len(run.val_ds):
+            metrics = self._evaluate(run.module, run.val_ds)
+            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self.log(f"eval step {self.step}: {shown}")
+            if self._tb:
+                for k, v in metrics.items():
+                    self._tb.add_scalar(f"eval/{k}", v, self.step)
+        self.history.append({"step": self.step, **metrics})
+        value = metrics.get(self.task.best_metric)
+        better = value is None or self.best is None or (
+            value < self.best if self.task.best_mode == "min" else value > self.best)
+        if better and value is not None:
+            self.best = value
+        if self.is_main and better:
+            self.task.save_model(unwrap(run.module), self.ckpt_dir)
+            what = f"best {self.task.best_metric} {value:.4f}" if value is not None else "latest"
+            self.log(f"saved model ({what}) to {self.ckpt_dir}")
+        self.save_checkpoint(run.module, run.optimizer, run.scheduler, run.scaler)
+
+    def _finish(self, run: _Run) -> None:
+        """Merge the bad-row reports of all ranks (rank 0 prints the summary); close TensorBoard."""
+        reports = D.all_gather_objects(self.report.state())
+        if self.is_main:
+            final = BadRowReport(self.args.max_bad_listed)
+            final.merge_states(reports)
+            self.report = final
+            if final.count:
+                self.log(final.summary(total=len(run.train_ds)))
+            if self._tb:
+                self._tb.close()
+                self._tb = None
+        D.barrier()
+
+    def _open_tensorboard(self):
+        want = self.args.tensorboard
+        if want is False:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:
+            if want:
+                raise TuwenError("--tensorboard needs the tensorboard package: pip install 'tuwen[tensorboard]'")
+            return None
+        return SummaryWriter(str(self.ckpt_dir / "log"))
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_state(self, module, optimizer, scheduler, scaler) -> dict | None:
@@ -338,18 +646,27 @@ class Trainer:
             self.log(f"saved checkpoint {path}")
         D.barrier()
 
-    def _load_checkpoint(self, path: Path, module, optimizer, scheduler, scaler) -> None:
+    @staticmethod
+    def _read_checkpoint(path: Path) -> dict:
         try:
             st = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise TuwenError(f"--resume: cannot read checkpoint {path} ({e})") from None
         if not isinstance(st, dict) or st.get("format") != "tuwen-train-state":
             raise TuwenError(f"--resume: {path} is not a tuwen training checkpoint (write one with a tuwen train run)")
+        return st
+
+    @staticmethod
+    def _load_module_state(module: nn.Module, st: dict, path: Path) -> None:
         try:
             unwrap(module).load_state_dict(st["module"], strict=True)
         except RuntimeError as e:
             raise TuwenError(f"--resume: {path} does not match this model ({str(e).splitlines()[0]}); "
                              "resume with the same model settings it was written with") from None
+
+    def _load_checkpoint(self, path: Path, module, optimizer, scheduler, scaler) -> None:
+        st = self._read_checkpoint(path)
+        self._load_module_state(module, st, path)
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         if scaler is not None and st.get("scaler"):
@@ -372,8 +689,35 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     # ------------------------------------------------------------------ evaluation
+    def evaluate(self, module: nn.Module | None = None, dataset=None) -> dict[str, float]:
+        """Validation metrics (means over all rows of all ranks), with or without training first.
+
+        ``module``: by default the one the last ``train()`` trained; before any training the task builds it, with
+        the weights of the ``--resume`` checkpoint when one is named. ``dataset``: by default the task's
+        validation set. Bad rows are skipped and counted in ``self.report`` (``--strict``: stop at the first).
+        """
+        if dataset is None:
+            dataset = self.task.val_dataset()
+            if dataset is None:
+                raise TuwenError(f"{self.task.name}: there is no validation data to evaluate on")
+        if module is None:
+            module = self.module if self.module is not None else self._build_for_eval()
+        return self._evaluate(module, dataset)
+
+    def _build_for_eval(self) -> nn.Module:
+        seed_everything(self.args.random_seed)
+        module = self.task.build_module().to(self.device)
+        path = self._resume_path()
+        if path is not None:
+            st = self._read_checkpoint(path)
+            self._load_module_state(module, st, path)
+            self.step = st["step"]
+            self.log(f"evaluating {path} (step {self.step})")
+        self.module = module
+        return module
+
     @torch.no_grad()
-    def evaluate(self, module: nn.Module, val_ds) -> dict[str, float]:
+    def _evaluate(self, module: nn.Module, val_ds) -> dict[str, float]:
         m = unwrap(module)
         was_training = m.training
         m.eval()
@@ -388,7 +732,7 @@ class Trainer:
                 continue
             batch = _to_device(batch, self.device)
             first_batch = first_batch or batch
-            with self._autocast():
+            with D.autocast(self.device, self.amp_dtype):
                 res = self.task.eval_step(m, batch)
             for k, (s, n) in res.items():
                 acc = sums.setdefault(k, [0.0, 0.0])
@@ -400,11 +744,7 @@ class Trainer:
         out = {k: (vec[2 * i] / vec[2 * i + 1]).item() for i, k in enumerate(keys) if vec[2 * i + 1] > 0}
         if self.is_main and self._tb and first_batch is not None:
             with contextlib.suppress(Exception):
-                imgs = self.task.sample_images(m, first_batch)
-                if imgs:
-                    from ..data.images import make_grid
-                    grid = np.asarray(make_grid(imgs))
-                    self._tb.add_image("samples", grid, self.step, dataformats="HWC")
+                self.log_images("samples", self.task.sample_images(m, first_batch), self.step)
         m.train(was_training)
         return out
 
@@ -414,222 +754,3 @@ class Trainer:
             raise BadRowError(f"{bads[0]} (--strict stops at the first bad row; without it bad rows are skipped "
                               "and reported at the end)")
         self.report.extend(bads)
-
-    # ------------------------------------------------------------------ main loop
-    def train(self) -> dict[str, Any]:
-        a = self.args
-        seed_everything(a.random_seed)
-        module = self.task.build_module().to(self.device)
-        module.train()
-        self.module = module
-        train_ds = self.task.train_dataset()
-        val_ds = self.task.val_dataset() if a.do_eval else None
-        if len(train_ds) == 0:
-            raise TuwenError("the training data has no rows")
-        optimizer = self._make_optimizer(module)
-        sampler = EpochSampler(len(train_ds), shuffle=True, seed=a.random_seed, rank=self.rank, world=self.world)
-        batches_per_epoch = math.ceil(sampler.per_rank / a.micro_batch_size)
-        steps_per_epoch = math.ceil(batches_per_epoch / a.gradient_accumulation_steps)
-        total = a.max_steps or steps_per_epoch * a.epoch_num
-        epochs = math.ceil(total / steps_per_epoch)
-        warmup = int(a.warmup_proportion * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(a.lr_schedule, warmup, total))
-        scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        save_every = a.save_checkpoint_steps or steps_per_epoch
-
-        if a.resume:
-            path = find_latest_checkpoint(self.ckpt_dir if a.resume == "auto" else a.resume)
-            if path is not None:
-                self._load_checkpoint(path, module, optimizer, scheduler, scaler)
-            elif a.resume == "auto":
-                self.log(f"--resume auto: no checkpoint in {self.ckpt_dir / CKPT_DIR}; starting from scratch")
-            else:
-                raise TuwenError(f"--resume {a.resume}: no checkpoint found there")
-        if self.step == 0:
-            seed_everything(a.random_seed + self.rank)
-
-        ddp_module = module
-        if self.world > 1:
-            ddp_module = nn.parallel.DistributedDataParallel(
-                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=True, find_unused_parameters=getattr(self.task, "find_unused_parameters", False))
-        if a.compile:
-            ddp_module = torch.compile(ddp_module)
-
-        self._tb = None
-        log_path = self.ckpt_dir / LOG_NAME
-        if self.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.ckpt_dir / "train_config.json",
-                              json.dumps({"args": dataclasses.asdict(a), "task": self.task.describe(),
-                                          "world_size": self.world, "precision": self.precision,
-                                          "device": str(self.device)}, indent=2, ensure_ascii=False) + "\n")
-            kept = []
-            if self.step and log_path.exists():  # drop log lines written after the checkpoint we resumed from
-                kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
-            self._tb = self._open_tensorboard()
-            n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
-            self.log(f"training {self.task.name}: {len(train_ds)} rows, {total} steps "
-                     f"({steps_per_epoch}/epoch × {epochs} epoch(s)), batch {a.micro_batch_size}×"
-                     f"{a.gradient_accumulation_steps} accumulation×{self.world} process(es), "
-                     f"{n_params / 1e6:.2f}M trainable parameters, {self.device}, {self.precision}")
-        log_file = open(log_path, "a", encoding="utf-8") if self.is_main else None
-
-        progress = a.progress if a.progress is not None else None
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=self.step, desc=self.task.name, unit="step", dynamic_ncols=True,
-                   disable=(not self.is_main) or (progress is False) or (None if progress is None else False),
-                   file=sys.stderr)
-        window: dict[str, list[float]] = {}
-        t_last, items_last = time.time(), 0
-        t_start, step_start = t_last, self.step
-        items_total = 0
-        done = self.step >= total
-        try:
-            while not done and self.epoch < epochs:
-                start = self.batch_in_epoch
-                sampler.set_epoch(self.epoch, start * a.micro_batch_size)
-                loader = self._loader(train_ds, sampler, a.micro_batch_size, self.epoch)
-                micro = start
-                group_losses: dict[str, float] = {}
-                group_n = 0
-                for batch in loader:
-                    self._note_bad(batch)
-                    group_start = (micro // a.gradient_accumulation_steps) * a.gradient_accumulation_steps
-                    group_size = min(a.gradient_accumulation_steps, batches_per_epoch - group_start)
-                    last_in_group = micro + 1 == group_start + group_size
-                    n_good = int(batch["size"])
-                    skip = n_good == 0
-                    if self.world > 1:
-                        skip = bool(D.all_reduce_sum(torch.tensor([float(skip)], device=self.device)).item())
-                    if not skip:
-                        batch = _to_device(batch, self.device)
-                        sync = last_in_group or self.world == 1
-                        ctx = contextlib.nullcontext() if sync else ddp_module.no_sync()
-                        with ctx:
-                            with self._autocast():
-                                out = ddp_module(batch, step=self.step)
-                            loss = out["loss"]
-                            if not torch.isfinite(loss):
-                                raise TuwenError(f"loss became {loss.item()} at step {self.step}; lower "
-                                                 "--learning_rate or use --precision fp32")
-                            scaled = loss / group_size
-                            (scaler.scale(scaled) if scaler else scaled).backward()
-                        for k, v in out.items():
-                            if torch.is_tensor(v) and v.numel() == 1:
-                                group_losses[k] = group_losses.get(k, 0.0) + float(v.detach())
-                        group_n += 1
-                        items_total += n_good
-                    micro += 1
-                    if not last_in_group:
-                        continue
-                    # ---- optimizer step
-                    if scaler:
-                        scaler.unscale_(optimizer)
-                    grad_norm = None
-                    if a.max_grad_norm and a.max_grad_norm > 0:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), a.max_grad_norm))
-                    if scaler:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    lr = scheduler.get_last_lr()[0]  # the rate this step used
-                    scheduler.step()
-                    self.step += 1
-                    self.batch_in_epoch = micro
-                    if micro >= batches_per_epoch:
-                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    self.task.after_step(unwrap(module), self.step)
-                    # ---- logging
-                    metrics = {k: v / max(group_n, 1) for k, v in group_losses.items()}
-                    if self.world > 1 and metrics:
-                        keys = sorted(metrics)
-                        vec = D.all_reduce_sum(torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
-                                                            device=self.device)) / self.world
-                        metrics = dict(zip(keys, vec.tolist()))
-                    group_losses, group_n = {}, 0
-                    if self.is_main:
-                        rec = {"step": self.step, "epoch": self.epoch, "lr": lr, **metrics}
-                        if grad_norm is not None:
-                            rec["grad_norm"] = grad_norm
-                        log_file.write(json.dumps(rec) + "\n")
-                        log_file.flush()
-                        for k, v in metrics.items():
-                            window.setdefault(k, []).append(v)
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}")
-                        if self._tb:
-                            for k, v in metrics.items():
-                                self._tb.add_scalar(f"train/{k}", v, self.step)
-                            self._tb.add_scalar("train/lr", lr, self.step)
-                    if self.step % a.logging_steps == 0 or self.step == total:
-                        now = time.time()
-                        rate = (items_total - items_last) * self.world / max(now - t_last, 1e-9)
-                        t_last, items_last = now, items_total
-                        means = {k: sum(v) / len(v) for k, v in window.items()}
-                        window = {}
-                        shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                        eta = (total - self.step) * (now - t_start) / max(1, self.step - step_start)
-                        self.log(f"step {self.step}/{total} epoch {self.epoch} {shown} lr {lr:.3e} "
-                                 f"{rate:.1f} items/s eta {eta / 60:.1f} min")
-                        if self._tb:
-                            self._tb.add_scalar("train/items_per_s", rate, self.step)
-                    if self.step % save_every == 0 or self.step == total:
-                        self._eval_and_save(module, val_ds, optimizer, scheduler, scaler)
-                    if self.step >= total:
-                        done = True
-                        break
-                else:
-                    if self.batch_in_epoch != 0:  # loader ended early (cannot happen unless data changed)
-                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        finally:
-            bar.close()
-            if log_file:
-                log_file.close()
-        reports = D.all_gather_objects(self.report.state())
-        if self.is_main:
-            final = BadRowReport(self.args.max_bad_listed)
-            final.merge_states(reports)
-            self.report = final
-            if final.count:
-                self.log(final.summary(total=len(train_ds)))
-            if self._tb:
-                self._tb.close()
-        D.barrier()
-        return {"step": self.step, "best": self.best, "history": self.history, "bad_rows": self.report.count}
-
-    def _eval_and_save(self, module, val_ds, optimizer, scheduler, scaler) -> None:
-        metrics = {}
-        if val_ds is not None and len(val_ds):
-            metrics = self.evaluate(module, val_ds)
-            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            self.log(f"eval step {self.step}: {shown}")
-            if self._tb:
-                for k, v in metrics.items():
-                    self._tb.add_scalar(f"eval/{k}", v, self.step)
-        self.history.append({"step": self.step, **metrics})
-        value = metrics.get(self.task.best_metric)
-        better = value is None or self.best is None or (
-            value < self.best if self.task.best_mode == "min" else value > self.best)
-        if better and value is not None:
-            self.best = value
-        if self.is_main and better:
-            self.task.save_model(unwrap(module), self.ckpt_dir)
-            what = f"best {self.task.best_metric} {value:.4f}" if value is not None else "latest"
-            self.log(f"saved model ({what}) to {self.ckpt_dir}")
-        self.save_checkpoint(module, optimizer, scheduler, scaler)
-
-    def _open_tensorboard(self):
-        want = self.args.tensorboard
-        if want is False:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:
-            if want:
-                raise TuwenError("--tensorboard needs the tensorboard package: pip install 'tuwen[tensorboard]'")
-            return None
-        return SummaryWriter(str(self.ckpt_dir / "log"))

@@ -1,0 +1,327 @@
+"""Text→image: a GPT over ``[text_len text ids + img_vocab_size][img_len image codes]`` + a VQGAN (EasyNLP ARTIST).
+
+``TextToImage.from_pretrained`` reads a tuwen folder (``config.json`` model_type ``text2image`` + ``model.safetensors``
+(the GPT) + ``vocab.txt`` + ``vqgan/``) or an EasyNLP / pai-painter folder (``config.json`` model_type ``artist`` +
+``pytorch_model.bin`` + ``vocab.txt``, read by ``tuwen.convert.easynlp_t2i``) as it is.
+
+Token layout (EasyNLP): text ids are tokenizer ids + ``img_vocab_size`` padded with [PAD] to ``text_len`` (no
+[CLS]/[SEP]); image codes are 0..img_vocab_size-1; the head predicts image codes only; logit i predicts code i.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from ..config import BaseConfig
+from ..convert import easynlp_t2i
+from ..convert.taming import load_vqgan
+from ..data.images import to_pil
+from ..errors import TuwenError
+from ..hub import CONFIG_NAME, WEIGHTS_NAME, PretrainedModel, load_state_dict_checked, load_weights, \
+    read_model_type, resolve_model_path
+from ..runtime import amp_dtype
+from ..sampling import SamplingParams, generate as sample_codes
+from ..text.tokenizer import TextTokenizer
+from .gpt import GPT, GPTConfig
+from .vqgan import VQGAN
+
+MODEL_TYPE = "text2image"
+EASYNLP_MODEL_TYPES = easynlp_t2i.MODEL_TYPES
+
+# the GPT's own sizes; its vocab_size, block_size and n_out follow from the text→image fields
+GPT_ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "embd_pdrop", "resid_pdrop", "attn_pdrop")
+# the sampling settings text→image uses (the others are captioning's)
+SAMPLING_FIELDS = ("top_k", "top_p", "temperature", "guidance_scale")
+
+
+# =============================================================================================== config
+
+@dataclasses.dataclass
+class TextToImageConfig(BaseConfig):
+    """Architecture + generation defaults of a text→image model (the VQGAN's own config lives in ``vqgan/``).
+
+    ``gpt`` must agree with the other fields: vocab_size = img_vocab_size + text_vocab_size, block_size =
+    text_len + img_len, n_out = img_vocab_size. Left out (None) it gets those sizes and GPTConfig's default
+    width/depth; ``TextToImageConfig.build(n_layer=…, n_head=…, n_embd=…, **fields)`` sets the width/depth.
+    """
+
+    model_type: ClassVar[str] = MODEL_TYPE
+
+    text_len: int = 32               # text positions (EasyNLP text_len)
+    img_len: int = 256               # image positions = VQGAN grid h*w (EasyNLP img_len)
+    img_vocab_size: int = 16384      # VQGAN codebook size = GPT output classes
+    text_vocab_size: int = 21128     # tokenizer vocabulary size
+    image_size: int = 256            # pixels (EasyNLP size)
+    gpt: GPTConfig | None = None
+    cfg_drop_prob: float = 0.0       # training: text replaced by the unconditional prompt with this probability
+    sampling: SamplingParams = dataclasses.field(default_factory=lambda: SamplingParams(top_k=100))  # EasyNLP's k
+
+    def __post_init__(self):
+        if self.gpt is None:
+            self.gpt = self.sized_gpt()
+
+    def sized_gpt(self, **arch) -> GPTConfig:
+        """A GPTConfig with this model's vocabulary/positions/head sizes and ``arch`` (n_layer, n_head, …)."""
+        return GPTConfig(vocab_size=self.img_vocab_size + self.text_vocab_size,
+                         block_size=self.text_len + self.img_len, n_out=self.img_vocab_size, **arch)
+
+    @classmethod
+    def build(cls, **kwargs) -> "TextToImageConfig":
+        """Config fields plus the GPT's width/depth (``GPT_ARCH_FIELDS``) as flat keyword arguments."""
+        arch = {k: kwargs.pop(k) for k in GPT_ARCH_FIELDS if k in kwargs}
+        config = cls(**kwargs)
+        config.gpt = config.sized_gpt(**arch)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for k in ("text_len", "img_len", "img_vocab_size", "text_vocab_size", "image_size"):
+            if getattr(self, k) < 1:
+                raise TuwenError(f"text2image config: {k} must be ≥ 1")
+        if not 0.0 <= self.cfg_drop_prob < 1.0:
+            raise TuwenError("text2image config: cfg_drop_prob must be in [0, 1)")
+        g = self.gpt
+        for name, have, want, why in (
+                ("vocab_size", g.vocab_size, self.img_vocab_size + self.text_vocab_size, "img_vocab_size + text_vocab_size"),
+                ("block_size", g.block_size, self.text_len + self.img_len, "text_len + img_len"),
+                ("n_out", g.n_out, self.img_vocab_size, "img_vocab_size")):
+            if have != want:
+                raise TuwenError(f"text2image config: gpt.{name}={have} but {why} = {want}")
+        if g.n_prefix_embd:
+            raise TuwenError("text2image config: gpt.n_prefix_embd must be 0 (the prefix is text ids)")
+
+    @classmethod
+    def upgrade(cls, d: dict, version: int, source: str) -> dict:
+        """Format 1: GPT sizes and sampling settings were flat fields of this config."""
+        d = dict(d)
+        if version < 2:
+            arch = {k: d.pop(k) for k in GPT_ARCH_FIELDS if k in d}
+            sampling = {k: d.pop(k) for k in SAMPLING_FIELDS if k in d}
+            sizes = {k: int(d.get(k, getattr(cls, k))) for k in ("text_len", "img_len", "img_vocab_size",
+                                                                 "text_vocab_size")}
+            d["gpt"] = {"vocab_size": sizes["img_vocab_size"] + sizes["text_vocab_size"],
+                        "block_size": sizes["text_len"] + sizes["img_len"], "n_out": sizes["img_vocab_size"], **arch}
+            d["sampling"] = {"top_k": 100, **sampling}
+        return d
+
+
+def image_seed(seed: int, key: int | str, k: int) -> int:
+    """The seed of image ``k`` of prompt ``key`` (an index or an ``idx`` string): independent of batching."""
+    h = hashlib.blake2b(f"{int(seed)}|{key}|{int(k)}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 62) - 1)
+
+
+def image_logits(gpt: GPT, text_ids: torch.Tensor, image_codes: torch.Tensor, text_len: int) -> torch.Tensor:
+    """Teacher forcing: text_ids [B, text_len], image_codes [B, n] → logits [B, n, img_vocab]; logit i predicts
+    code i (it sees the text and codes 0..i-1)."""
+    n = image_codes.shape[1]
+    x = torch.cat([text_ids, image_codes[:, :-1]], dim=1) if n > 1 else text_ids  # [B, text_len + n - 1]
+    return gpt(x, logits_start=text_len - 1)
+
+
+# =============================================================================================== model
+
+class TextToImage(PretrainedModel):
+    """GPT + VQGAN + tokenizer. See the module docstring for the token layout.
+
+    The folder's ``model.safetensors`` holds the GPT only; the VQGAN is saved in ``vqgan/`` and the tokenizer
+    beside the config. The VQGAN is frozen.
+    """
+
+    config_class: ClassVar[type[BaseConfig]] = TextToImageConfig
+
+    def __init__(self, config: TextToImageConfig, vqgan: VQGAN, tokenizer: TextTokenizer, gpt: GPT | None = None):
+        super().__init__(config)
+        self.gpt = gpt if gpt is not None else GPT(config.gpt)
+        self.vqgan = vqgan.eval()
+        for p in self.vqgan.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self._check()
+
+    def _check(self) -> None:
+        c = self.config
+        h, w = self.grid
+        if h * w != c.img_len:
+            raise TuwenError(f"text2image: img_len={c.img_len} but the VQGAN turns {c.image_size}px images into a "
+                             f"{h}×{w}={h * w} grid; set img_len={h * w} (or size to match the VQGAN)")
+        if self.vqgan.config.n_embed != c.img_vocab_size:
+            raise TuwenError(f"text2image: img_vocab_size={c.img_vocab_size} but the VQGAN codebook has "
+                             f"{self.vqgan.config.n_embed} codes")
+        if self.tokenizer.vocab_size > c.text_vocab_size:
+            raise TuwenError(f"text2image: the tokenizer has {self.tokenizer.vocab_size} entries but text_vocab_size "
+                             f"is {c.text_vocab_size}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.vqgan.grid_size(self.config.image_size)
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Prompts → LongTensor [B, text_len] of offset ids as fed to the GPT (EasyNLP layout)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = self.tokenizer.encode_batch(list(texts), self.config.text_len, pad=True)
+        return torch.tensor(ids, dtype=torch.long, device=self.device) + self.config.img_vocab_size
+
+    def uncond_ids(self, batch_size: int = 1) -> torch.Tensor:
+        """The unconditional prompt (all [PAD]) used for classifier-free guidance, [B, text_len]."""
+        pad = self.tokenizer.pad_id + self.config.img_vocab_size
+        return torch.full((batch_size, self.config.text_len), pad, dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------------ teacher forcing
+    def forward(self, text_ids: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, n, img_vocab] for ``image_codes`` [B, n] (n ≤ img_len); logit i predicts code i."""
+        n = image_codes.shape[1]
+        if n > self.config.img_len:
+            raise TuwenError(f"image_codes has {n} positions; the model has img_len={self.config.img_len}")
+        return image_logits(self.gpt, text_ids, image_codes, self.config.text_len)
+
+    # ------------------------------------------------------------------ generation
+    def sampling_params(self, **overrides) -> SamplingParams:
+        """The model's sampling defaults with ``overrides`` (top_k, top_p, temperature, guidance_scale) applied;
+        a setting passed as None is switched off."""
+        other = sorted(set(overrides) - set(SAMPLING_FIELDS))
+        if other:
+            raise TuwenError(f"text→image sampling takes {', '.join(SAMPLING_FIELDS)}; not {', '.join(other)}")
+        return self.config.sampling.replace(**overrides)
+
+    @torch.inference_mode()
+    def generate_codes(self, text_ids: torch.Tensor, seeds: Sequence[int] | torch.Tensor, *,
+                       use_cuda_graph: bool | str = "auto", **sampling_overrides) -> torch.Tensor:
+        """One image's codes per row of ``text_ids`` [B, text_len] with its own seed → LongTensor [B, img_len]."""
+        return self._sample(text_ids, seeds, self.sampling_params(**sampling_overrides), use_cuda_graph)
+
+    def _sample(self, text_ids: torch.Tensor, seeds, params: SamplingParams, use_cuda_graph) -> torch.Tensor:
+        uncond = self.uncond_ids(1) if params.guidance_scale is not None else None
+        return sample_codes(self.gpt, prefix_ids=text_ids.to(self.device), num_tokens=self.config.img_len,
+                            seeds=torch.as_tensor(list(seeds) if not torch.is_tensor(seeds) else seeds),
+                            top_k=params.top_k, top_p=params.top_p, temperature=params.temperature,
+                            guidance_scale=params.guidance_scale, uncond_prefix_ids=uncond,
+                            use_cuda_graph=use_cuda_graph,
+                            amp_dtype=amp_dtype(self.device, self.gpt.tok_emb.weight.dtype))
+
+    @torch.inference_mode()
+    def decode_codes(self, codes: torch.Tensor) -> list:
+        """Codes [B, img_len] → PIL images (one batched VQGAN decode)."""
+        h, w = self.grid
+        return to_pil(self.vqgan.decode(codes.reshape(-1, h, w).to(self.device)))
+
+    @torch.inference_mode()
+    def generate(self, prompts: str | Sequence[str] | None = None, *, text_ids: torch.Tensor | None = None,
+                 num_images_per_prompt: int = 1, seed: int | Sequence[int] = 0, keys: Sequence[Any] | None = None,
+                 return_codes: bool = False, batch_size: int | None = None, progress: bool = False,
+                 use_cuda_graph: bool | str = "auto", **sampling_overrides):
+        """Sample images for prompts (or pre-tokenized ``text_ids``).
+
+        Image k of prompt i uses the seed ``image_seed(seed, keys[i] if keys else i, k)`` (or ``seed[i]`` when a
+        list is given, one per prompt), so an image does not depend on the batch size or its position in a batch.
+        ``sampling_overrides``: top_k, top_p, temperature, guidance_scale, replacing the model's defaults
+        (``config.sampling``; None switches one off); ``top_k=1`` is greedy. Returns a list (one per prompt) of
+        lists of PIL images, or with ``return_codes`` a LongTensor [num_prompts, num_images_per_prompt, img_len]
+        of codes (no decoding).
+        """
+        params = self.sampling_params(**sampling_overrides)
+        if text_ids is None:
+            if prompts is None:
+                raise TuwenError("generate: give prompts or text_ids")
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            text_ids = self.tokenize(prompts)
+        text_ids = text_ids.to(self.device)
+        P, n = text_ids.shape[0], int(num_images_per_prompt)
+        if n < 1:
+            raise TuwenError(f"num_images_per_prompt must be ≥ 1, got {n}")
+        seeds = self._image_seeds(seed, keys, P, n)
+        rows = text_ids.repeat_interleave(n, dim=0)  # [P*n, text_len]
+        bs = batch_size or (64 if self.device.type == "cuda" else 16)
+        codes, images = [], []
+        from tqdm import tqdm
+        for s in tqdm(range(0, rows.shape[0], bs), desc="generating", unit="batch",
+                      disable=not progress, file=sys.stderr):
+            cb = self._sample(rows[s:s + bs], seeds[s:s + bs], params, use_cuda_graph)  # [b, img_len]
+            if return_codes:
+                codes.append(cb)
+            else:
+                images += self.decode_codes(cb)
+        if return_codes:
+            return torch.cat(codes).reshape(P, n, self.config.img_len)
+        return [images[i * n:(i + 1) * n] for i in range(P)]
+
+    @staticmethod
+    def _image_seeds(seed, keys, P: int, n: int) -> list[int]:
+        """P*n seeds, prompt-major (see ``generate``)."""
+        if isinstance(seed, (list, tuple)) or torch.is_tensor(seed):
+            seed = list(seed)
+            if len(seed) != P:
+                raise TuwenError(f"seed: {len(seed)} seeds given for {P} prompts")
+            return [image_seed(s, 0, k) for s in seed for k in range(n)]
+        keys = list(keys) if keys is not None else list(range(P))
+        return [image_seed(seed, keys[i], k) for i in range(P) for k in range(n)]
+
+    # ------------------------------------------------------------------ I/O
+    def _weights_for_save(self) -> dict[str, torch.Tensor]:
+        return self.gpt.state_dict()
+
+    def _save_extra(self, path: Path) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.vqgan.save_pretrained(path / "vqgan")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, *,
+                        vqgan_config: Any = None, vqgan_path: str | None = None, **overrides) -> "TextToImage":
+        """Load a tuwen text→image folder or an EasyNLP ARTIST / pai-painter folder.
+
+        EasyNLP folders do not describe their VQGAN: it is read from the ``first_stage_model.*`` weights with the
+        architecture from ``vqgan_config`` (taming yaml/json) or inferred from the tensor shapes; ``vqgan_path``
+        gives a separate VQGAN when the checkpoint has none. ``overrides``: sampling defaults (top_k, top_p,
+        temperature, guidance_scale); config fields of a tuwen folder, or for an EasyNLP folder the sizes
+        ``size``/``image_size``, ``text_len``, ``img_len`` and ``n_head``. None values are ignored.
+        """
+        path = resolve_model_path(name_or_path, what="text2image model",
+                                  expect="config.json + model.safetensors + vocab.txt + vqgan/ (tuwen), or "
+                                         "config.json (model_type artist) + pytorch_model.bin + vocab.txt (EasyNLP)")
+        if path.is_file():
+            raise TuwenError(f"{path}: a text2image model is a folder (config.json + weights + vocab.txt)")
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "size" in overrides:
+            overrides["image_size"] = overrides.pop("size")
+        sampling = {k: overrides.pop(k) for k in SAMPLING_FIELDS if k in overrides}
+        mt = read_model_type(path)
+        if mt in EASYNLP_MODEL_TYPES:
+            model = cls._from_easynlp(path, sampling, vqgan_config=vqgan_config, vqgan_path=vqgan_path, **overrides)
+        elif mt == MODEL_TYPE:
+            config = cls._read_config(path, **overrides)
+            config.sampling = config.sampling.replace(**sampling)
+            tok = TextTokenizer.from_pretrained(path)
+            model = cls(config, load_vqgan(vqgan_path or path / "vqgan", config=vqgan_config), tok)
+            load_state_dict_checked(model.gpt, load_weights(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
+        else:
+            if mt is None:
+                cls._read_config(path)  # no config.json / not JSON: its own message
+            raise TuwenError(f"{path / CONFIG_NAME}: model_type {mt!r} is not a text→image model "
+                             f"(expected {MODEL_TYPE!r} or EasyNLP's 'artist')")
+        model.eval()
+        if device is not None:
+            model.to(device)
+        return model
+
+    @classmethod
+    def _from_easynlp(cls, path: Path, sampling: dict, *, vqgan_config, vqgan_path, **overrides) -> "TextToImage":
+        raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        sizes = {k: overrides.pop(k) for k in ("image_size", "text_len", "img_len", "n_head") if k in overrides}
+        if overrides:
+            raise TuwenError(f"unknown setting(s) for an EasyNLP text2image model: {', '.join(overrides)}")
+        ckpt = easynlp_t2i.read_artist(path, raw, vqgan_config=vqgan_config, vqgan_path=vqgan_path, **sizes)
+        config = TextToImageConfig(**ckpt.fields)
+        config.sampling = config.sampling.replace(**sampling)
+        config.validate()
+        model = cls(config, ckpt.vqgan, ckpt.tokenizer)
+        load_state_dict_checked(model.gpt, ckpt.gpt_state_dict, ckpt.source)
+        return model
