@@ -61,10 +61,35 @@ def _is_easynlp_style(argv: list[str]) -> bool:
     return any(a in ("--mode", "--app_name") or a.startswith(("--mode=", "--app_name=")) for a in argv)
 
 
+def _take_global_flags(argv: list[str]) -> list[str]:
+    """Flags every command accepts, applied before dispatch: ``--max_image_pixels N``."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--max_image_pixels" or a.startswith("--max_image_pixels="):
+            if "=" in a:
+                value = a.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            else:
+                raise TuwenError("--max_image_pixels needs a number (pixels, e.g. 16777216 = 4096²)")
+            try:
+                n = int(value)
+            except ValueError:
+                raise TuwenError(f"--max_image_pixels {value!r}: not a whole number of pixels") from None
+            from ..data.images import set_max_image_pixels
+            set_max_image_pixels(n)
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        argv = _take_global_flags(argv)
         if _is_easynlp_style(argv):
             from . import easynlp
             return int(easynlp.main(argv) or 0)

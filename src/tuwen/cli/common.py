@@ -17,6 +17,9 @@ def add_data_flags(p: argparse.ArgumentParser, required_tables: bool = False) ->
     g.add_argument("--strict", action="store_true",
                    help="stop at the first bad row (default: skip bad rows and report them at the end)")
     g.add_argument("--max_bad_listed", type=int, default=20, help="how many bad rows to list (all are counted)")
+    g.add_argument("--max_image_pixels", type=int, default=None,
+                   help="images with more pixels are bad rows, refused before decoding (default 16777216 = 4096²; "
+                        "accepted by every command)")
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:

@@ -25,7 +25,28 @@ from PIL import Image, ImageFile, ImageOps
 from ..errors import TuwenError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is a bad row, not a half-grey picture
-Image.MAX_IMAGE_PIXELS = 20000 * 20000
+
+#: images with more pixels than this (after JPEG draft scaling) are rejected before their pixels are decoded;
+#: ``--max_image_pixels`` changes it (``set_max_image_pixels``)
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+_limit = {"pixels": DEFAULT_MAX_IMAGE_PIXELS}
+
+
+def set_max_image_pixels(n: int | None) -> None:
+    """Set the pixel limit for every image tuwen decodes (DataLoader workers forked later inherit it)."""
+    n = DEFAULT_MAX_IMAGE_PIXELS if n is None else int(n)
+    if n < 1:
+        raise TuwenError(f"--max_image_pixels must be ≥ 1, got {n}")
+    _limit["pixels"] = n
+    # Pillow's own bomb check runs at open(), before a JPEG can be draft-scaled: keep it far above ours
+    Image.MAX_IMAGE_PIXELS = max(n, 1 << 26) * 64
+
+
+def max_image_pixels() -> int:
+    return _limit["pixels"]
+
+
+set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)
 
 _STD_TABLE = bytes.maketrans(b"-_", b"+/")
 
@@ -98,8 +119,10 @@ def open_image(data: bytes | str | Path | Image.Image, target_size: int | None =
     """Decode image bytes (or a path, or a base64 string) into a fully loaded RGB PIL image.
 
     EXIF orientation is applied. When ``target_size`` is given and the image is a JPEG much larger than it,
-    JPEG draft mode decodes at a reduced scale (the DCT does the downscaling for free).
-    Raises ImageDecodeError with a short reason for anything undecodable or truncated.
+    JPEG draft mode decodes at a reduced scale (the DCT does the downscaling for free). An image whose pixel count
+    (after that scaling) is above ``max_image_pixels()`` is refused from its header, before its pixels are
+    decoded, so a small file that would expand to gigabytes costs nothing.
+    Raises ImageDecodeError with a short reason for anything undecodable, truncated or too large.
     """
     if isinstance(data, Image.Image):
         img = data
@@ -120,7 +143,13 @@ def open_image(data: bytes | str | Path | Image.Image, target_size: int | None =
                 img = Image.open(io.BytesIO(data))
                 if target_size and img.format == "JPEG" and min(img.size) >= 2 * target_size:
                     img.draft("RGB", (target_size, target_size))
+                w, h = img.size
+                if w * h > _limit["pixels"]:
+                    raise ImageDecodeError(f"image too large: {w}×{h} = {w * h:,} pixels, above the limit of "
+                                           f"{_limit['pixels']:,} (raise it with --max_image_pixels)")
                 img.load()
+        except ImageDecodeError:
+            raise
         except Image.DecompressionBombWarning as e:
             raise ImageDecodeError(f"image too large ({e})") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
