@@ -124,10 +124,11 @@ def test_rerank_cli(tmp_path, capsys):
     imgdir.mkdir()
     for i, im in enumerate(_images(4)):
         im.save(imgdir / f"{i}.png")
+    (imgdir / "broken.png").write_bytes(b"not a png")
     lines = [f"红色的圆形\tout/0.png\tout/1.png\t{imgdir / '2.png'}",      # relative and absolute paths
              "no images here",
              "",
-             "蓝色的正方形\tout/3.png\tout/missing.png\tout/0.png"]
+             "蓝色的正方形\tout/3.png\tout/broken.png\tout/0.png"]
     inp = tmp_path / "post.tsv"
     inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "scores.tsv"
@@ -135,15 +136,19 @@ def test_rerank_cli(tmp_path, capsys):
                "--batch_size", "2", "--ranked", "--no_progress"])
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert f"{inp}:2: no image paths" in err and f"{inp}:4: image 2" in err and "missing.png" in err
+    assert f"{inp}:2: no image paths" in err and f"{inp}:4: image 2" in err and "broken.png" in err
     rows = [r.split("\t") for r in out.read_text(encoding="utf-8").splitlines()]
     assert [r[0] for r in rows] == ["红色的圆形", "蓝色的正方形"]
     assert len(rows[0]) == 1 + 3 + 1 + 3 and rows[0][4] == "|"
-    assert math.isnan(float(rows[1][2])) and rows[1][-1] == "2"     # the missing image ranks last
+    assert math.isnan(float(rows[1][2])) and rows[1][-1] == "2"     # the undecodable image ranks last
     model = CLIP.from_pretrained(d)
     want = model.similarity([Image.open(imgdir / "0.png"), Image.open(imgdir / "1.png")], ["红色的圆形"])[:, 0]
     assert [float(x) for x in rows[0][1:3]] == pytest.approx(want.tolist(), abs=1e-5)
     assert sorted(int(x) for x in rows[0][5:]) == [1, 2, 3]
+    # a path that does not exist is an error naming the line and the path, before anything is scored
+    inp.write_text("蓝色的正方形\tout/3.png\tout/missing.png\n", encoding="utf-8")
+    rc = main(["rerank", "--input", str(inp), "--scorer", f"clip:{d}", "--output", str(out), "--device", "cpu"])
+    assert rc == 2 and f"{inp}:1: {imgdir / 'missing.png'}" in capsys.readouterr().err
     # stdout by default; a file with no usable line is an error
     bad = tmp_path / "bad.tsv"
     bad.write_text("only text\n", encoding="utf-8")

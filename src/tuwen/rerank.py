@@ -213,6 +213,11 @@ def rerank_file(scorer: Scorer, input_path: str | Path, output=None, batch_size:
     if not jobs:
         raise TuwenError(f"--input {inp}: no usable lines (expected: text<TAB>image1<TAB>image2 …)"
                          + (f"; {report.summary()}" if report.count else ""))
+    missing = [(n, p) for n, _, paths in jobs for p in paths if not p.is_file()]
+    if missing:  # checked before any scoring: a wrong path is the user's to fix, not a nan to find later
+        shown = "; ".join(f"{inp}:{n}: {p}" for n, p in missing[:5])
+        raise TuwenError(f"--input {inp}: {len(missing)} image path(s) do not exist ({shown}"
+                         f"{' …' if len(missing) > 5 else ''}); relative paths are resolved against {base}")
     fmt = f"{{:.{precision}g}}"
     written = images_scored = 0
     bar = tqdm(total=sum(len(j[2]) for j in jobs), desc="rerank", unit="img", disable=(progress is False) or None,
