@@ -115,6 +115,27 @@ def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
     return img.convert("RGB")
 
 
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
+
+
+def looks_like_base64_image(value) -> bool:
+    """True when ``value`` is a base64 string (or JSON list of them) whose bytes start like an image file."""
+    if not isinstance(value, str):
+        return False
+    s = value.strip()
+    if s.startswith("[") and '"' in s[:4]:
+        s = s.split('"', 2)[1] if s.count('"') >= 2 else ""
+    if s.startswith("data:") and "," in s[:64]:
+        s = s.split(",", 1)[1]
+    if len(s) < 16:
+        return False
+    try:
+        head = b64decode_any(s[:64 - len(s[:64]) % 4] if len(s) >= 64 else s)
+    except (ValueError, ImageDecodeError):
+        return False
+    return head.startswith(_IMAGE_MAGIC)
+
+
 def open_image(data: bytes | str | Path | Image.Image, target_size: int | None = None) -> Image.Image:
     """Decode image bytes (or a path, or a base64 string) into a fully loaded RGB PIL image.
 

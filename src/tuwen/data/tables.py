@@ -418,6 +418,46 @@ def open_source(tables: str | Sequence[str], schema: str | Sequence[Column] | No
     return sources[0] if len(sources) == 1 else ConcatSource(sources)
 
 
+def check_columns(source: RowSource, text_col: str | None, image_col: str | None, text_flag: str,
+                  image_flag: str, sample: int = 20) -> None:
+    """Stop early when the column flags are swapped or wrong: a text column that holds base64 images, or an image
+    column that holds plain text. Looks at the first ``sample`` good rows (cheap; runs before any vocabulary or
+    model is built)."""
+    from .images import looks_like_base64_image
+
+    cols = getattr(source, "columns", [])
+    text_col = text_col if text_col in cols else None
+    image_col = image_col if image_col in cols else None
+    if not (text_col or image_col):
+        return
+    rows = []
+    for i in range(min(len(source), sample * 10)):
+        r = source.row(i)
+        if not isinstance(r, BadRow):
+            rows.append(r)
+            if len(rows) >= sample:
+                break
+    if not rows:
+        return
+    half = len(rows) / 2
+    if text_col and sum(looks_like_base64_image(r.get(text_col)) for r in rows) > half:
+        raise TuwenError(f"{text_flag}={text_col!r} names a column that holds base64 images, not text"
+                         + (f"; the images are in it and the text is probably in {image_flag}={image_col!r}: "
+                            f"swap the two flags" if image_col else "") + " (see --input_schema)")
+
+    def textlike(v) -> bool:
+        if not isinstance(v, str):
+            return False
+        s = v.strip()
+        return 0 < len(s) < 200 and not looks_like_base64_image(s) and not s.startswith("[") and \
+            not Path(s).suffix.lower() in IMAGE_EXTS
+    if image_col and sum(textlike(r.get(image_col)) for r in rows) > half:
+        raise TuwenError(f"{image_flag}={image_col!r} names a column that holds text, not images (base64, a path "
+                         f"or a JSON list of frames)"
+                         + (f"; swap it with {text_flag}={text_col!r}" if text_col else "")
+                         + " (see --input_schema)")
+
+
 # ----------------------------------------------------------------------------------------------- datasets
 
 class RowDataset:

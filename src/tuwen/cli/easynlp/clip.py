@@ -34,7 +34,7 @@ import torch
 from ... import runtime as D
 from ...config import Param, parse_user_defined_parameters
 from ...data.images import load_pixels
-from ...data.tables import BadRow, BadRowReport, open_source, parse_schema, require_columns
+from ...data.tables import BadRow, BadRowReport, check_columns, open_source, parse_schema, require_columns
 from ...errors import TuwenError
 from ...hub import atomic_write_text
 from ...metrics.retrieval import embed_rows, image_text_retrieval, read_class_prompts, zero_shot_classifier
@@ -120,6 +120,7 @@ def _train(args, p: dict) -> int:
                          f"training files into one first")
     targs = train_args_from(args, default_lr=5e-4, default_wd=0.2)
     train_src = _open(train[0], args, text_col, image_col)
+    check_columns(train_src, text_col, image_col, "--first_sequence", "--second_sequence")
     val_src = _open(val[0], args, text_col, image_col) if val else None
     tok = training_tokenizer(p, train_src, text_col)
     start = [k for k in ("pretrain_model_name_or_path", "cnclip_ckpt_path") if p[k]]

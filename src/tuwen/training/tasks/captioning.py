@@ -1,8 +1,10 @@
 """Training a ``tuwen.models.captioner.Captioner`` on EasyNLP TSV tables: the module the trainer runs, the row
 transform, the task.
 
-Loss: cross-entropy over all ``text_len`` positions (EasyNLP's definition, reported as ``loss``) plus
-``caption_loss`` over the tokens up to and including the first end token, and ``token_acc`` on those. Start
+Loss (``loss``, what is trained): cross-entropy over the caption's tokens and its end token (the first [PAD]);
+with ``loss_on_padding=true``, EasyNLP's definition over all ``text_len`` positions (with ~4-character captions and
+``text_len=32`` almost 90 % of that gradient teaches the model to predict padding). Both are always reported:
+``caption_loss`` (caption + end) and ``loss_all_positions``; ``token_acc`` is on the caption + end tokens. Start
 points: a captioner folder to finetune (tuwen or EasyNLP ``mingpt_i2t``), or from scratch with a tokenizer
 (``vocab.txt``, or one built from the training texts) and an image tower (OpenAI CLIP weights / a tuwen CLIP folder
 via ``vit_ckpt_path``, a random ViT preset, or a frozen VQGAN for the VQ prefix). The EasyNLP command line around
@@ -23,6 +25,7 @@ from torch import nn
 
 from ...convert import easynlp_i2t
 from ...data.images import fit_frames, frames_of
+from ...data.tables import check_columns, open_source
 from ...errors import TuwenError
 from ...hub import read_model_type, tuwen_home
 from ...models.captioner import (EASYNLP_MODEL_TYPES, MODEL_TYPE, Captioner, CaptionerConfig, load_image_tower,
@@ -42,9 +45,10 @@ class CaptionTrainModule(WithFrozen):
     """What the trainer trains: the GPT and (unless frozen) the ViT. A VQGAN is frozen and not in the state dict."""
 
     def __init__(self, config: CaptionerConfig, gpt: GPT, vit: VisionTransformer | None = None, vqgan=None,
-                 end_id: int = 0, pkeep: float = 1.0):
+                 end_id: int = 0, pkeep: float = 1.0, loss_on_padding: bool = False):
         super().__init__()
         self.config, self.gpt, self.end_id, self.pkeep = config, gpt, end_id, pkeep
+        self.loss_on_padding = loss_on_padding  # EasyNLP: mean over all text_len positions, padding included
         self.vit = vit
         self.set_frozen("vqgan", vqgan)
         self.train_vit = vit is not None and not config.freeze_vit
@@ -85,7 +89,10 @@ class CaptionTrainModule(WithFrozen):
         in_caption = (is_end.cumsum(1) - is_end) == 0
         caption_loss = (nll * in_caption).sum() / in_caption.sum().clamp(min=1)
         acc = ((logits.argmax(-1) == text) & in_caption).sum().float() / in_caption.sum().clamp(min=1)
-        return {"loss": nll.mean(), "caption_loss": caption_loss.detach(), "token_acc": acc.detach()}
+        all_positions = nll.mean()
+        loss = all_positions if self.loss_on_padding else caption_loss
+        return {"loss": loss, "caption_loss": caption_loss.detach(), "loss_all_positions": all_positions.detach(),
+                "token_acc": acc.detach()}
 
 
 def columns(args) -> tuple[str, str]:
@@ -94,10 +101,12 @@ def columns(args) -> tuple[str, str]:
 
 
 def make_transform(config: CaptionerConfig, tokenizer: TextTokenizer | None, source, image_col: str,
-                   text_col: str | None, udp: dict, strict: bool = False, seed: int = 0):
+                   text_col: str | None, udp: dict, strict: bool = False, seed: int = 0,
+                   first_reference: bool = False):
     """Row → {"pixels": uint8 [(F,) S, S, 3], "text_ids": [text_len]} (text omitted when ``text_col`` is None).
 
-    Several references in one text field (JSON list or ``a || b``) → one of them, chosen by (seed, epoch, row)."""
+    Several references in one text field (JSON list or ``a || b``) → one of them, chosen by (seed, epoch, row);
+    with ``first_reference`` (evaluation) always the first."""
     from ...metrics.captions import split_references
 
     root = udp.get("img_root_dir") if udp.get("enable_img_path") else None
@@ -119,7 +128,10 @@ def make_transform(config: CaptionerConfig, tokenizer: TextTokenizer | None, sou
             refs = split_references(row.get(text_col, ""))
             if not refs:
                 raise ValueError(f"empty caption in column {text_col!r}")
-            text = refs[0] if len(refs) == 1 else random.Random(f"{seed}-{epoch}-{index}").choice(refs)
+            if len(refs) == 1 or first_reference:
+                text = refs[0]
+            else:
+                text = random.Random(f"{seed}-{epoch}-{index}").choice(refs)
             ids = tokenizer.encode(text, config.text_len, pad=True)
             if all(i == tokenizer.pad_id for i in ids):
                 raise ValueError(f"caption {text[:40]!r} has no tokens")
@@ -169,6 +181,9 @@ class CaptionTask(Task):
         self.check_pretrained = check_pretrained
         self.train_tables, self.val_tables = split_tables(args.tables)
         self.image_col, self.text_col = columns(args)
+        first = open_source(self.train_tables[:1], args.input_schema, args.skip_first_line, text_col=self.text_col,
+                            image_col=self.image_col)
+        check_columns(first, self.text_col, self.image_col, "--second_sequence", "--first_sequence")
         pre = udp["pretrain_model_name_or_path"]
         kind, path = resolve_pretrained(pre) if pre else (None, None)
         self.vit = self.vqgan = self.base = None
@@ -307,7 +322,8 @@ class CaptionTask(Task):
         gpt = GPT(c.gpt)
         if self.base is not None:
             gpt.load_state_dict(self.base.gpt.state_dict())
-        return CaptionTrainModule(c, gpt, self.vit, self.vqgan, self.tokenizer.pad_id, self.udp["pkeep"])
+        return CaptionTrainModule(c, gpt, self.vit, self.vqgan, self.tokenizer.pad_id, self.udp["pkeep"],
+                                  loss_on_padding=bool(self.udp.get("loss_on_padding")))
 
     def param_groups(self, module, weight_decay):
         groups = module.gpt.configure_param_groups(weight_decay)

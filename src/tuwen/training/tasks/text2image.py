@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ...data.codes import CodeShards
 from ...data.images import load_image, to_tensor
-from ...data.tables import BadRow, RowDataset, open_source
+from ...data.tables import BadRow, RowDataset, check_columns, open_source
 from ...convert.taming import load_vqgan
 from ...errors import TuwenError
 from ...models.gpt import GPT, PRESETS
@@ -84,6 +84,12 @@ class T2ITask(Task):
     def from_udp(cls, args, udp: dict, log=print) -> "T2ITask":
         """Finetune ``pretrain_model_name_or_path``, or build a new model on ``vqgan_ckpt_path`` (see USER_PARAMS)."""
         train_tables, _ = split_tables(args.tables)
+        first = next((t for t in train_tables if not is_code_dir(t)), None)
+        if first is not None:  # before any vocabulary or model is built: are the column flags the right way round?
+            text_col, image_col = args.first_sequence or "text", args.second_sequence or "imgbase64"
+            src = open_source([first], args.input_schema, args.skip_first_line, text_col=text_col,
+                              image_col=image_col)
+            check_columns(src, text_col, image_col, "--first_sequence", "--second_sequence")
         pre = udp["pretrain_model_name_or_path"]
         if pre:  # finetune: everything comes from the pretrained model
             base = TextToImage.from_pretrained(pre)
