@@ -54,6 +54,7 @@ _STD_TABLE = bytes.maketrans(b"-_", b"+/")
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_RULES = ("center_crop", "squash")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # what image folders hold
 
 
 class ImageDecodeError(ValueError):
@@ -313,7 +314,6 @@ def open_any_image(x, root: str | None = None, target_size: int | None = None) -
 def frames_of(x, root: str | None = None) -> list:
     """A video input → list of frames: a list/tuple of frames, a JSON list of base64 strings / paths, a
     comma-separated list of paths, or a folder of frame images (sorted by name)."""
-    from .tables import IMAGE_EXTS
 
     if isinstance(x, (list, tuple)):
         return list(x)

@@ -18,9 +18,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..errors import TuwenError
+from .images import IMAGE_EXTS, looks_like_base64_image  # noqa: F401  (IMAGE_EXTS re-exported)
 
 TYPES = {"str": str, "int": int, "float": float}
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 # ----------------------------------------------------------------------------------------------- schema
@@ -423,8 +423,6 @@ def check_columns(source: RowSource, text_col: str | None, image_col: str | None
     """Stop early when the column flags are swapped or wrong: a text column that holds base64 images, or an image
     column that holds plain text. Looks at the first ``sample`` good rows (cheap; runs before any vocabulary or
     model is built)."""
-    from .images import looks_like_base64_image
-
     cols = getattr(source, "columns", [])
     text_col = text_col if text_col in cols else None
     image_col = image_col if image_col in cols else None
