@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,11 +33,14 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..data.tables import BadRow, BadRowError, BadRowReport, collate_skip_bad
 from ..errors import TuwenError
-from ..hub import atomic_torch_save, atomic_write_text
+from ..fileio import DirLock, atomic_write
+from ..hub import atomic_write_text
 from .. import runtime as D
+from .checkpoint import (CKPT_DIR, FORMAT, clean_leftovers, latest_valid_checkpoint, list_checkpoints,  # noqa: F401
+                         read_checkpoint, write_checkpoint)
 
-CKPT_DIR = "checkpoints"
 LOG_NAME = "train_log.jsonl"
+SAMPLES_DIR = "samples"
 
 
 @dataclasses.dataclass
@@ -59,6 +61,7 @@ class TrainArgs:
     random_seed: int = 1234
     logging_steps: int = 100
     save_checkpoint_steps: int | None = None  # default: once per epoch
+    save_checkpoint_minutes: float | None = None  # also save a checkpoint when this much time passed since the last
     save_all_checkpoints: bool = False
     keep_checkpoints: int = 2
     resume: str | None = None              # None | "auto" | path
@@ -82,6 +85,8 @@ class TrainArgs:
             (self.logging_steps >= 1, "--logging_steps must be ≥ 1"),
             (self.save_checkpoint_steps is None or self.save_checkpoint_steps >= 1,
              "--save_checkpoint_steps must be ≥ 1"),
+            (self.save_checkpoint_minutes is None or self.save_checkpoint_minutes > 0,
+             "--save_checkpoint_minutes must be > 0"),
             (self.lr_schedule in ("linear", "cosine", "constant"), "--lr_schedule must be linear, cosine or constant"),
             (self.optimizer_type.lower() in ("adamw", "adam"), f"--optimizer_type {self.optimizer_type!r}: "
                                                                 "tuwen supports AdamW and Adam"),
@@ -142,7 +147,7 @@ class Task:
         raise NotImplementedError
 
     def sample_images(self, module: nn.Module, batch: dict):
-        """Optional: PIL images to show in TensorBoard at evaluation time."""
+        """Optional: PIL images written to ``samples/step-N.png`` (and TensorBoard) at evaluation time."""
         return None
 
     def describe(self) -> dict:
@@ -238,15 +243,13 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]
 
 
 def find_latest_checkpoint(path: str | Path) -> Path | None:
+    """A checkpoint file as it is, or the newest ``step-*.pt`` of a run folder (not verified: see
+    ``checkpoint.latest_valid_checkpoint``)."""
     path = Path(path)
     if path.is_file():
         return path
-    for d in (path / CKPT_DIR, path):
-        if d.is_dir():
-            found = sorted(d.glob("step-*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
-            if found:
-                return found[-1]
-    return None
+    found = list_checkpoints(path)
+    return found[-1] if found else None
 
 
 # ------------------------------------------------------------------------------------------------- trainer
@@ -313,6 +316,9 @@ class Trainer:
         self.history: list[dict] = []
         self.module: nn.Module | None = None  # the trained module after train() (or the one evaluate() built)
         self._tb = None                       # TensorBoard writer on rank 0 while train() runs, else None
+        self.resumed_from: tuple[Path, int] | None = None   # (checkpoint, its step) after a resume
+        self._last_save = time.time()
+        self._stop_requested = False          # set by the first Ctrl-C: save at the end of the step, then stop
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -357,17 +363,21 @@ class Trainer:
             return torch.optim.Adam(groups, **kw)
         return torch.optim.AdamW(groups, **kw)
 
-    def _resume_path(self) -> Path | None:
-        """The checkpoint ``--resume`` names (None: no --resume, or ``auto`` with nothing saved yet)."""
+    def _resume_state(self) -> tuple[Path, dict] | None:
+        """The checkpoint ``--resume`` names, read and verified (None: no --resume, or ``auto`` with nothing saved
+        yet). ``auto`` and a folder take the newest checkpoint that verifies, warning about broken newer ones."""
         a = self.args
         if not a.resume:
             return None
-        path = find_latest_checkpoint(self.ckpt_dir if a.resume == "auto" else a.resume)
-        if path is None:
+        where = self.ckpt_dir if a.resume == "auto" else Path(a.resume)
+        if where.is_file():
+            return where, read_checkpoint(where)
+        found = latest_valid_checkpoint(where, warn=self.log)
+        if found is None:
             if a.resume != "auto":
                 raise TuwenError(f"--resume {a.resume}: no checkpoint found there")
             self.log(f"--resume auto: no checkpoint in {self.ckpt_dir / CKPT_DIR}; starting from scratch")
-        return path
+        return found
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         """DDP under torchrun, torch.compile on request."""
@@ -400,9 +410,9 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(a.lr_schedule, warmup, total))
         scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 
-        path = self._resume_path()
-        if path is not None:
-            self._load_checkpoint(path, module, optimizer, scheduler, scaler)
+        found = self._resume_state()
+        if found is not None:
+            self._load_checkpoint(*found, module, optimizer, scheduler, scaler)
         if self.step == 0:
             seed_everything(a.random_seed + self.rank)
 
@@ -444,15 +454,67 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> dict[str, Any]:
-        """Train until ``max_steps`` / ``epoch_num``; returns the step, best metric, eval history, bad-row count."""
-        run = self._setup()
+        """Train until ``max_steps`` / ``epoch_num``; returns the step, best metric, eval history, bad-row count.
+
+        One run at a time per ``--checkpoint_dir`` (a lock; a second run fails at once naming the first). The
+        first Ctrl-C finishes the current step, saves a checkpoint and stops (``--resume auto`` continues from
+        it); a second Ctrl-C stops at once.
+        """
+        lock = None
+        if self.is_main:
+            lock = DirLock(self.ckpt_dir, "--checkpoint_dir").acquire(warn=self.log)
+            for p in clean_leftovers(self.ckpt_dir):
+                self.log(f"removed {p} (a temporary file of a run that died)")
         try:
-            while self.step < run.total and self.epoch < run.epochs:
-                self._train_epoch(run)
+            with self._ctrl_c_saves():
+                run = self._setup()
+                try:
+                    while self.step < run.total and self.epoch < run.epochs:
+                        self._train_epoch(run)
+                finally:
+                    run.close()
+                self._finish(run)
         finally:
-            run.close()
-        self._finish(run)
+            if lock is not None:
+                lock.release()
         return {"step": self.step, "best": self.best, "history": self.history, "bad_rows": self.report.count}
+
+    @contextlib.contextmanager
+    def _ctrl_c_saves(self):
+        """SIGINT → request a save-and-stop at the next step boundary; a second SIGINT raises at once."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            self.log("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _after_step(self, run: _Run) -> None:
+        """Checkpoints that are not on the step schedule: on a Ctrl-C (then stop) and every
+        ``--save_checkpoint_minutes``. Every rank takes the same decision."""
+        stop = self._stop_requested
+        due = bool(self.args.save_checkpoint_minutes) and \
+            time.time() - self._last_save >= 60 * self.args.save_checkpoint_minutes
+        if self.world > 1:
+            flags = D.all_reduce_sum(torch.tensor([float(stop), float(due)], device=self.device))
+            stop, due = bool(flags[0] > 0), bool(flags[1] > 0)
+        if stop or due:
+            self.save_checkpoint(run.module, run.optimizer, run.scheduler, run.scaler)
+        if stop:
+            self.log(f"stopped at step {self.step}; continue with --resume auto")
+            raise KeyboardInterrupt
 
     def _train_epoch(self, run: _Run) -> None:
         """From ``batch_in_epoch`` to the end of the epoch (or of the run): micro-steps grouped into optimizer steps."""
@@ -472,6 +534,8 @@ class Trainer:
             self._log_step(run, lr, grad_norm)
             if self.step % run.save_every == 0 or self.step == run.total:
                 self._eval_and_save(run)
+            else:
+                self._after_step(run)
             if self.step >= run.total:
                 return
         if self.batch_in_epoch != 0:  # loader ended early (cannot happen unless data changed)
@@ -496,8 +560,7 @@ class Trainer:
                 out = run.model(batch, step=self.step)
             loss = out["loss"]
             if not torch.isfinite(loss):
-                raise TuwenError(f"loss became {loss.item()} at step {self.step}; lower "
-                                 "--learning_rate or use --precision fp32")
+                raise TuwenError(self._nonfinite_reason(float(loss.item())))
             scaled = loss / group_size
             (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         for k, v in out.items():
@@ -505,6 +568,20 @@ class Trainer:
                 run.group_losses[k] = run.group_losses.get(k, 0.0) + float(v.detach())
         run.group_n += 1
         run.items_total += n_good
+
+    def _nonfinite_reason(self, value: float) -> str:
+        """What is known about a NaN/inf loss: right after a resume the checkpoint is the suspect, at the very
+        first step the data or the starting weights, later the optimisation."""
+        if self.resumed_from is not None and self.step - self.resumed_from[1] <= 1:
+            return (f"loss became {value} at step {self.step}, right after resuming from {self.resumed_from[0]}: that "
+                    f"checkpoint is probably damaged (bad weights or optimizer state); resume from an earlier "
+                    f"checkpoint (--resume PATH) or start again")
+        if self.step == 0:
+            return (f"loss became {value} at the first step: check the starting weights "
+                    f"(pretrain_model_name_or_path / vqgan_ckpt_path) and the input data; with --precision fp16 "
+                    f"try bf16 or fp32")
+        return (f"loss became {value} at step {self.step}; lower --learning_rate (now {self.args.learning_rate}) "
+                f"or use --precision fp32")
 
     def _optimizer_step(self, run: _Run, micro: int) -> tuple[float, float | None]:
         """Unscale, clip, step, advance the schedule and the position; returns (lr this step used, grad norm)."""
@@ -568,6 +645,16 @@ class Trainer:
 
     def _eval_and_save(self, run: _Run) -> None:
         """Evaluate; save the inference model when the best metric improved (or there is none); checkpoint."""
+        used = int(D.all_reduce_sum(torch.tensor([float(run.items_total)], device=self.device)).item())
+        if used == 0 and not self.resumed_from:
+            if self.epoch >= 1 or self.step >= run.total:  # a whole epoch and not one usable row
+                reports = D.all_gather_objects(self.report.state())
+                merged = BadRowReport(self.args.max_bad_listed)
+                merged.merge_states(reports)
+                raise TuwenError(f"no usable training rows: every one of the {len(run.train_ds)} rows was bad, "
+                                 f"nothing was trained or saved. {merged.summary(total=len(run.train_ds))}")
+            self.log(f"step {self.step}: no usable rows yet; not saving")
+            return
         metrics = {}
         if run.val_ds is not None and len(run.val_ds):
             metrics = self._evaluate(run.module, run.val_ds)
@@ -624,7 +711,7 @@ class Trainer:
         merged.load_state(self.report.state())
         merged.merge_states(reports)
         return {
-            "format": "tuwen-train-state", "version": 1,
+            "format": FORMAT, "version": 1,
             "module": unwrap(module).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -635,26 +722,11 @@ class Trainer:
     def save_checkpoint(self, module, optimizer, scheduler, scaler) -> None:
         state = self._checkpoint_state(module, optimizer, scheduler, scaler)
         if self.is_main:
-            d = self.ckpt_dir / CKPT_DIR
-            path = d / f"step-{self.step:08d}.pt"
-            atomic_torch_save(state, path)
-            if not self.args.save_all_checkpoints:
-                old = sorted(d.glob("step-*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
-                for p in old[: -max(1, self.args.keep_checkpoints)]:
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
+            keep = None if self.args.save_all_checkpoints else self.args.keep_checkpoints
+            path = write_checkpoint(state, self.ckpt_dir, self.step, keep)
             self.log(f"saved checkpoint {path}")
+        self._last_save = time.time()
         D.barrier()
-
-    @staticmethod
-    def _read_checkpoint(path: Path) -> dict:
-        try:
-            st = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise TuwenError(f"--resume: cannot read checkpoint {path} ({e})") from None
-        if not isinstance(st, dict) or st.get("format") != "tuwen-train-state":
-            raise TuwenError(f"--resume: {path} is not a tuwen training checkpoint (write one with a tuwen train run)")
-        return st
 
     @staticmethod
     def _load_module_state(module: nn.Module, st: dict, path: Path) -> None:
@@ -664,9 +736,9 @@ class Trainer:
             raise TuwenError(f"--resume: {path} does not match this model ({str(e).splitlines()[0]}); "
                              "resume with the same model settings it was written with") from None
 
-    def _load_checkpoint(self, path: Path, module, optimizer, scheduler, scaler) -> None:
-        st = self._read_checkpoint(path)
+    def _load_checkpoint(self, path: Path, st: dict, module, optimizer, scheduler, scaler) -> None:
         self._load_module_state(module, st, path)
+        self.resumed_from = (path, st["step"])
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         if scaler is not None and st.get("scaler"):
@@ -707,9 +779,9 @@ class Trainer:
     def _build_for_eval(self) -> nn.Module:
         seed_everything(self.args.random_seed)
         module = self.task.build_module().to(self.device)
-        path = self._resume_path()
-        if path is not None:
-            st = self._read_checkpoint(path)
+        found = self._resume_state()
+        if found is not None:
+            path, st = found
             self._load_module_state(module, st, path)
             self.step = st["step"]
             self.log(f"evaluating {path} (step {self.step})")
@@ -742,11 +814,26 @@ class Trainer:
         vec = torch.tensor([v for k in keys for v in sums.get(k, [0.0, 0.0])], dtype=torch.float64)
         vec = D.all_reduce_sum(vec)
         out = {k: (vec[2 * i] / vec[2 * i + 1]).item() for i, k in enumerate(keys) if vec[2 * i + 1] > 0}
-        if self.is_main and self._tb and first_batch is not None:
-            with contextlib.suppress(Exception):
-                self.log_images("samples", self.task.sample_images(m, first_batch), self.step)
+        if self.is_main and first_batch is not None:
+            self._write_samples(m, first_batch)
         m.train(was_training)
         return out
+
+    def _write_samples(self, module: nn.Module, batch: dict) -> None:
+        """The task's sample images for the first validation batch (fixed rows, fixed seeds) as
+        ``samples/step-N.png`` in the run folder, and in TensorBoard when it is on."""
+        try:
+            images = self.task.sample_images(module, batch)
+        except Exception as e:  # samples are a view on training, never a reason to stop it
+            self.log(f"warning: could not make sample images at step {self.step} ({type(e).__name__}: {e})")
+            return
+        if not images:
+            return
+        from ..data.images import make_grid
+        grid = make_grid(images)
+        path = self.ckpt_dir / SAMPLES_DIR / f"step-{self.step:08d}.png"
+        atomic_write(path, lambda t: grid.save(t, format="PNG"))
+        self.log_images("samples", images, self.step)
 
     def _note_bad(self, batch: dict) -> None:
         bads: list[BadRow] = batch.get("bad_rows") or []
