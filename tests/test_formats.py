@@ -81,3 +81,28 @@ def test_a_newer_format_is_refused_with_a_clear_message(tmp_path):
     (tmp_path / "clip" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(TuwenError, match="newer than this tuwen understands"):
         CLIP.from_pretrained(tmp_path / "clip")
+
+
+def test_saved_folders_carry_checksums_and_damage_is_caught(tmp_path):
+    from tuwen.errors import TuwenError
+    from tuwen.hub import CHECKSUMS_NAME
+
+    m = TextToImage.from_pretrained(V1 / "t2i")
+    out = m.save_pretrained(tmp_path / "m")
+    listed = (out / CHECKSUMS_NAME).read_text().split()
+    assert "model.safetensors" in listed and "config.json" in listed and "vocab.txt" in listed
+    assert (out / "vqgan" / CHECKSUMS_NAME).exists()
+    TextToImage.from_pretrained(out)                       # verifies
+    (out / "notes.txt").write_text("a file the user added is not checked")
+    TextToImage.from_pretrained(out)
+    w = out / "vqgan" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])                     # half-copied component
+    with pytest.raises(TuwenError, match=r"vqgan: the model files are damaged .*model.safetensors"):
+        TextToImage.from_pretrained(out)
+    c = CLIP.from_pretrained(V1 / "clip")
+    c.save_pretrained(tmp_path / "c")
+    data = bytearray((tmp_path / "c" / "model.safetensors").read_bytes())
+    data[-5] ^= 1
+    (tmp_path / "c" / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(TuwenError, match="sha256 mismatch"):
+        CLIP.from_pretrained(tmp_path / "c")

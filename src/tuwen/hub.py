@@ -5,6 +5,7 @@ Also: atomic file writes, strict state-dict loading with a readable report, and 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,8 @@ from torch import nn
 
 from .config import BaseConfig
 from .errors import TuwenError
-from .fileio import atomic_dir, atomic_torch_save, atomic_write, atomic_write_text  # noqa: F401  (re-exported)
+from .fileio import (atomic_dir, atomic_torch_save, atomic_write, atomic_write_text,  # noqa: F401  (re-exported)
+                     verify_folder_checksums, write_folder_checksums)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -161,6 +163,30 @@ def load_state_dict_checked(module: nn.Module, state_dict: dict[str, torch.Tenso
     module.load_state_dict(sd, strict=True)
 
 
+# ----------------------------------------------------------------------------------------------- integrity
+
+CHECKSUMS_NAME = "checksums.sha256"
+
+
+def _file_ids(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Top-level regular files → (inode, mtime_ns, size): what changed between two listings was written."""
+    out = {}
+    for p in folder.iterdir():
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            if p.is_file():
+                out[p.name] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return out
+
+
+def verify_model_folder(path: str | Path) -> None:
+    """Check the files ``checksums.sha256`` lists (a folder without one — older tuwen, EasyNLP — is accepted)."""
+    problems = verify_folder_checksums(path, CHECKSUMS_NAME)
+    if problems:
+        raise TuwenError(f"{path}: the model files are damaged or incomplete ({'; '.join(problems[:3])}"
+                         f"{' …' if len(problems) > 3 else ''}); copy the folder again or re-save the model")
+
+
 # ----------------------------------------------------------------------------------------------- base class
 
 class PretrainedModel(nn.Module):
@@ -186,13 +212,20 @@ class PretrainedModel(nn.Module):
         return self.state_dict()
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write the model folder. Each file is replaced atomically; the config is written last."""
+        """Write the model folder. Each file is replaced atomically; the config is written after the weights, and
+        ``checksums.sha256`` (sha256 and size of every file written here) last, so that loading can tell a
+        damaged or half-copied folder from a good one."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        before = _file_ids(path)
+        with contextlib.suppress(FileNotFoundError):
+            (path / CHECKSUMS_NAME).unlink()  # a writer that dies below leaves no stale list behind
         save_weights(self._weights_for_save(), path / WEIGHTS_NAME, {"model_type": self.config.model_type})
         self._save_extra(path)
-        atomic_write_text(path / CONFIG_NAME,
-                          json.dumps(self.config.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(path / CONFIG_NAME, self.config.to_json())
+        after = _file_ids(path)
+        written = [n for n, fid in after.items() if before.get(n) != fid and n != CHECKSUMS_NAME]
+        write_folder_checksums(path, written, CHECKSUMS_NAME)
         return path
 
     @classmethod
@@ -206,6 +239,7 @@ class PretrainedModel(nn.Module):
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
                         **overrides):
         path = resolve_model_path(name_or_path, what=cls.__name__)
+        verify_model_folder(path)
         config = cls._read_config(path, **overrides)
         model = cls(config)
         load_state_dict_checked(model, load_weights(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))

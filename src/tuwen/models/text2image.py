@@ -25,8 +25,8 @@ from ..convert.taming import load_vqgan
 from ..data.images import to_pil
 from ..errors import TuwenError
 from ..hub import CONFIG_NAME, WEIGHTS_NAME, PretrainedModel, load_state_dict_checked, load_weights, \
-    read_model_type, resolve_model_path
-from ..runtime import amp_dtype
+    read_model_type, resolve_model_path, verify_model_folder
+from ..runtime import amp_dtype, progress_disable
 from ..sampling import SamplingParams, generate as sample_codes
 from ..text.tokenizer import TextTokenizer
 from .gpt import GPT, GPTConfig
@@ -171,6 +171,21 @@ class TextToImage(PretrainedModel):
         ids = self.tokenizer.encode_batch(list(texts), self.config.text_len, pad=True)
         return torch.tensor(ids, dtype=torch.long, device=self.device) + self.config.img_vocab_size
 
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """What the model will not see of ``prompt``: words outside its vocabulary (they become [UNK]) and tokens
+        past ``text_len`` (cut off). Empty when the prompt is read whole. (CLI, pipelines and the server show
+        these; the pipeline returns them as ``warnings`` and ``unknown_tokens``.)"""
+        out = []
+        unknown = self.tokenizer.unknown_words(prompt)
+        if unknown:
+            out.append(f"prompt {prompt!r}: {len(unknown)} word(s) unknown to the model's vocabulary, drawn as if "
+                       f"absent: {' '.join(unknown)}")
+        n = len(self.tokenizer.encode(prompt))
+        if n > self.config.text_len:
+            out.append(f"prompt {prompt!r}: {n} tokens, the model reads the first {self.config.text_len} "
+                       f"(text_len); the rest is cut off")
+        return out
+
     def uncond_ids(self, batch_size: int = 1) -> torch.Tensor:
         """The unconditional prompt (all [PAD]) used for classifier-free guidance, [B, text_len]."""
         pad = self.tokenizer.pad_id + self.config.img_vocab_size
@@ -217,7 +232,7 @@ class TextToImage(PretrainedModel):
     @torch.inference_mode()
     def generate(self, prompts: str | Sequence[str] | None = None, *, text_ids: torch.Tensor | None = None,
                  num_images_per_prompt: int = 1, seed: int | Sequence[int] = 0, keys: Sequence[Any] | None = None,
-                 return_codes: bool = False, batch_size: int | None = None, progress: bool = False,
+                 return_codes: bool = False, batch_size: int | None = None, progress: bool | None = False,
                  use_cuda_graph: bool | str = "auto", **sampling_overrides):
         """Sample images for prompts (or pre-tokenized ``text_ids``).
 
@@ -244,7 +259,7 @@ class TextToImage(PretrainedModel):
         codes, images = [], []
         from tqdm import tqdm
         for s in tqdm(range(0, rows.shape[0], bs), desc="generating", unit="batch",
-                      disable=not progress, file=sys.stderr):
+                      disable=progress_disable(progress), file=sys.stderr):
             cb = self._sample(rows[s:s + bs], seeds[s:s + bs], params, use_cuda_graph)  # [b, img_len]
             if return_codes:
                 codes.append(cb)
@@ -253,6 +268,29 @@ class TextToImage(PretrainedModel):
         if return_codes:
             return torch.cat(codes).reshape(P, n, self.config.img_len)
         return [images[i * n:(i + 1) * n] for i in range(P)]
+
+    def records(self, prompt: str, seed: int, key: Any, n: int, **sampling_overrides) -> list[dict]:
+        """The generation record of each of the ``n`` images ``generate`` makes for ``prompt`` (key ``key``):
+        what ``tuwen.data.pngmeta`` writes into the PNG and ``regenerate`` reads back."""
+        from ..data.pngmeta import tuwen_version
+        params = self.sampling_params(**sampling_overrides)
+        sampling = {k: getattr(params, k) for k in SAMPLING_FIELDS}
+        c = self.config
+        return [{"prompt": prompt, "seed": int(seed), "key": key, "k": k, "sampling": sampling,
+                 "model": str(getattr(self, "name_or_path", None) or "?"), "image_size": c.image_size,
+                 "text_len": c.text_len, "img_len": c.img_len, "tuwen": tuwen_version()} for k in range(n)]
+
+    @torch.inference_mode()
+    def regenerate(self, record: dict):
+        """The image a record (``records``, or a PNG's via ``pngmeta.read_png_record``) describes."""
+        for k in ("text_len", "img_len", "image_size"):
+            if record.get(k) is not None and record[k] != getattr(self.config, k):
+                raise TuwenError(f"the image was made by a model with {k}={record[k]}; this one has "
+                                 f"{getattr(self.config, k)} (load {record.get('model')})")
+        seed = image_seed(record["seed"], record.get("key", 0), int(record.get("k", 0)))
+        s = {k: v for k, v in (record.get("sampling") or {}).items() if k in SAMPLING_FIELDS}
+        codes = self._sample(self.tokenize([record["prompt"]]), [seed], self.sampling_params(**s), "auto")
+        return self.decode_codes(codes)[0]
 
     @staticmethod
     def _image_seeds(seed, keys, P: int, n: int) -> list[int]:
@@ -297,7 +335,13 @@ class TextToImage(PretrainedModel):
         if mt in EASYNLP_MODEL_TYPES:
             model = cls._from_easynlp(path, sampling, vqgan_config=vqgan_config, vqgan_path=vqgan_path, **overrides)
         elif mt == MODEL_TYPE:
+            verify_model_folder(path)
+            sizes = {k: overrides.pop(k) for k in ("image_size", "text_len", "img_len") if k in overrides}
             config = cls._read_config(path, **overrides)
+            for k, v in sizes.items():  # a tuwen folder records its sizes: a different one is a mistake
+                if v != getattr(config, k):
+                    raise TuwenError(f"{'size' if k == 'image_size' else k}={v} does not match the model {path} "
+                                     f"({k}={getattr(config, k)})")
             config.sampling = config.sampling.replace(**sampling)
             tok = TextTokenizer.from_pretrained(path)
             model = cls(config, load_vqgan(vqgan_path or path / "vqgan", config=vqgan_config), tok)
@@ -307,6 +351,7 @@ class TextToImage(PretrainedModel):
                 cls._read_config(path)  # no config.json / not JSON: its own message
             raise TuwenError(f"{path / CONFIG_NAME}: model_type {mt!r} is not a text→image model "
                              f"(expected {MODEL_TYPE!r} or EasyNLP's 'artist')")
+        model.name_or_path = str(name_or_path)
         model.eval()
         if device is not None:
             model.to(device)
