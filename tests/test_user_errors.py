@@ -31,3 +31,29 @@ def test_swapped_column_flags_stop_before_training(synth_tables, tmp_path, capsy
     assert rc == 2, err
     assert "holds base64 images, not text" in err and flag in err and "swap" in err
     assert not (tmp_path / "ck" / "vocab.txt").exists()
+
+
+def test_validate_applies_the_task_rules(tmp_path, capsys):
+    """A JSON list of frames passes a plain validate (it decodes) but is a video row for text→image."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(buf, format="PNG")
+    one = base64.b64encode(buf.getvalue()).decode()
+    t = tmp_path / "t.tsv"
+    t.write_text(f"a\t红色\t{one}\nb\t视频\t{json.dumps([one, one])}\nc\t\t{one}\n", encoding="utf-8")
+    args = ["data", "validate", str(t), SCHEMA, "--first_sequence=text", "--second_sequence=imgbase64"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert f"{t}:3:" in out and f"{t}:2:" not in out
+    assert main(args + ["--app_name=text2image_generation"]) == 1
+    out = capsys.readouterr().out
+    assert f"{t}:2: column 'imgbase64': a list of 2 frames (a video row)" in out and f"{t}:3: empty text" in out
+    assert main(["data", "validate", str(t), SCHEMA, "--first_sequence=imgbase64", "--second_sequence=text",
+                 "--app_name=video2text_generation"]) == 1
+    out = capsys.readouterr().out
+    assert f"{t}:2:" not in out and f"{t}:3: empty text" in out

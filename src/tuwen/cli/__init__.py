@@ -22,6 +22,9 @@ SUBCOMMANDS = {
     "demo": "demo",
     "rerank": "rerank",
     "evaluate-images": "evaluate_images",
+    "export": "export",
+    "recipe": "recipe",
+    "serve": "serve",
 }
 
 # optional packages a subcommand module may import at load time -> the pip extra that installs them
@@ -42,11 +45,14 @@ def _import_subcommand(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .common import Parser  # allow_abbrev=False for this parser and all its subparsers
+
+    p = Parser(
         prog="tuwen",
         description="tuwen (图文): text→image generation and image/video→text captioning. "
                     "EasyNLP style also works: tuwen --mode=train|predict|evaluate --app_name=... (see README).",
     )
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         m = _import_subcommand(name)
@@ -57,16 +63,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    import platform
+
+    from ..data.pngmeta import tuwen_version
+    __version__ = tuwen_version()
+    try:
+        from importlib.metadata import version
+        torch_v = version("torch")
+    except Exception:  # noqa: BLE001 - torch's version is only informative here
+        torch_v = "?"
+    return f"tuwen {__version__} (torch {torch_v}, Python {platform.python_version()})"
+
+
 def _is_easynlp_style(argv: list[str]) -> bool:
+    """``tuwen --mode=... --app_name=...``; a subcommand that takes ``--app_name`` itself (data validate) is not."""
+    if argv and argv[0] in SUBCOMMANDS:
+        return False
     return any(a in ("--mode", "--app_name") or a.startswith(("--mode=", "--app_name=")) for a in argv)
 
 
 def _take_global_flags(argv: list[str]) -> list[str]:
-    """Flags every command accepts, applied before dispatch: ``--max_image_pixels N``."""
+    """Flags every command accepts, applied before dispatch: ``--max_image_pixels N``, and the launcher's
+    ``--local-rank=N`` / ``--local_rank N`` (→ ``LOCAL_RANK``)."""
     out, i = [], 0
     while i < len(argv):
         a = argv[i]
-        if a == "--max_image_pixels" or a.startswith("--max_image_pixels="):
+        if a in ("--local-rank", "--local_rank") or a.startswith(("--local-rank=", "--local_rank=")):
+            # torch.distributed.launch passes --local-rank=N (older: --local_rank N); tuwen reads LOCAL_RANK
+            if "=" in a:
+                value = a.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            else:
+                raise TuwenError(f"{a} needs a number (the launcher sets it)")
+            if not value.isdigit():
+                raise TuwenError(f"{a} {value!r}: not a GPU index")
+            os.environ.setdefault("LOCAL_RANK", value)
+        elif a == "--max_image_pixels" or a.startswith("--max_image_pixels="):
             if "=" in a:
                 value = a.split("=", 1)[1]
             elif i + 1 < len(argv):
@@ -97,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             raise m
         parser = build_parser()
         args = parser.parse_args(argv)
+        from ..data.formats import configure_from_args
+        configure_from_args(args)  # --table_format, --csv-img-key, … (commands that have them)
         if not getattr(args, "func", None):
             parser.print_help()
             return 1

@@ -71,6 +71,12 @@ def add_parser(subparsers) -> None:
                    help="comma-separated columns that must be non-empty (default: the sequence columns that "
                         "are not images, else columns named like text/caption)")
     v.add_argument("--max_listed", type=int, default=20, help="bad rows listed (all are counted; default 20)")
+    v.add_argument("--app_name", default=None,
+                   help="check rows with the rules of this task, as its training does: text2image_generation, clip, "
+                        "image2text_generation, video2text_generation or vq (e.g. text→image takes one image per "
+                        "row, not a list of frames). Without it: every image and frame list must decode")
+    from .common import add_reader_flags
+    add_reader_flags(v)
     v.set_defaults(func=cmd_validate)
 
     c = sub.add_parser("score", aliases=["checker"],
@@ -95,6 +101,9 @@ def add_parser(subparsers) -> None:
     c.add_argument("--show", type=int, default=5, help="list this many failed objects (default 5)")
     c.add_argument("--json", action="store_true", help="print the scores as JSON")
     c.set_defaults(func=cmd_score)
+
+    from .data_tools import add_tool_parsers  # clean, split, convert, stats
+    add_tool_parsers(sub)
 
 
 # ----------------------------------------------------------------------------------------------- synth
@@ -237,18 +246,38 @@ def cmd_validate(args) -> int:
     for flag, col in (("--first_sequence", args.first_sequence), ("--second_sequence", args.second_sequence)):
         if col and col not in source.columns:
             raise TuwenError(f"{flag}={col!r} is not a column of {args.tables} ({', '.join(source.columns)})")
-    image_cols, text_cols = _detect_columns(source, args)
+    rules = None
+    if args.app_name:
+        from ..data.rules import rules_for
+        rules = rules_for(args.app_name)
+        seqs = {"--first_sequence": args.first_sequence, "--second_sequence": args.second_sequence}
+        image_col = seqs[rules.image_flag] or ("imgbase64" if "imgbase64" in source.columns else "image")
+        text_col = seqs[rules.text_flag] or "text"
+        for flag, col in ((rules.image_flag, image_col), (rules.text_flag, text_col if rules.text else None)):
+            if col and col not in source.columns:
+                raise TuwenError(f"{flag}={col!r} is not a column of {args.tables} ({', '.join(source.columns)})")
+        image_cols, text_cols = [image_col], ([text_col] if rules.text else [])
+    else:
+        image_cols, text_cols = _detect_columns(source, args)
     sizes: Counter = Counter()
     frame_counts: Counter = Counter()
 
     def transform(row: dict, i: int):
+        if rules is not None:
+            from ..data.rules import check_image_field, check_text_field
+            for c in text_cols:
+                check_text_field(row.get(c), c, rules)
+            for c in image_cols:
+                check_image_field(row.get(c), c, rules)
         for c in text_cols:
             if not str(row.get(c, "")).strip():
                 raise ValueError(f"column {c!r} is empty")
         for c in image_cols:
             value = row.get(c)
-            if isinstance(value, Path):
+            if isinstance(value, (Path, bytes)):  # CSV/JSONL paths, Parquet/WebDataset bytes
                 frames = [value]
+            elif isinstance(value, list):  # a frame list from a JSONL/CSV reader
+                frames = value
             else:
                 try:
                     frames = decode_frames(value or "")
@@ -336,12 +365,12 @@ def _guess_schema(path: str, skip_first_line: bool) -> str:
 
 
 def _folder_items(root: Path, prompts: dict[str, str] | None, attrs: dict | None):
+    from ..data.pngmeta import folder_prompts, image_files, png_prompt
     from ..data.tables import IMAGE_EXTS
 
     items = []
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS or p.name == "preview.png":
-            continue
+    generated = folder_prompts(root)  # tuwen generate / demo: prompts.json names each image's prompt
+    for p in image_files(root, IMAGE_EXTS):  # grids/ and preview.png are not images to score
         stem = p.stem
         target = None
         txt = p.with_suffix(".txt")
@@ -358,6 +387,8 @@ def _folder_items(root: Path, prompts: dict[str, str] | None, attrs: dict | None
                     target = attrs[k]
                 elif prompts is not None and k in prompts:
                     target = prompts[k]
+        if target is None and prompts is None and attrs is None:
+            target = generated.get(p.relative_to(root).as_posix()) or png_prompt(p)
         if target is None:
             items.append((str(p), p, None, f"no caption for {p.name} (add {p.stem}.txt or pass --prompts)"))
         else:

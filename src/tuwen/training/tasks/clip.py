@@ -26,6 +26,7 @@ from torch import nn
 from ... import runtime as D
 from ...convert import clip as conv
 from ...data.images import load_pixels
+from ...data.rules import APPS as _RULES, check_image_field, check_text_field
 from ...data.tables import BadRow, RowDataset, collate_skip_bad
 from ...errors import TuwenError
 from ...hub import resolve_model_path
@@ -42,6 +43,9 @@ def _log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- loss
+
+RULES = _RULES["clip"]
+
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather of [n, D] rows (equal n on every rank) whose backward sums the gradient of every rank's copy."""
@@ -174,8 +178,8 @@ class CLIPTrainTask(Task):
 
         def transform(row: dict, i: int) -> dict:
             text = str(row[text_col]).strip()
-            if not text:
-                raise ValueError(f"empty text in column {text_col!r}")
+            check_text_field(text, text_col, RULES)          # the rules `tuwen data validate` applies too
+            check_image_field(row[image_col], image_col, RULES)
             pixels = load_pixels(row[image_col], size, resize, random_crop=rc)
             ids = tok.encode(text, max_length=ctx, add_special_tokens=True, pad=True)
             return {"pixels": pixels, "input_ids": torch.tensor(ids, dtype=torch.long)}
