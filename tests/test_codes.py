@@ -78,12 +78,15 @@ def test_import_encode_decode(ws, model_dir, tmp_path, capsys):
     assert cfg["model_type"] == "vqgan" and cfg["resolution"] == 32 and cfg["attn_resolutions"] == [4]
     ref = _codes_of(ws["vq"], ws["files"])
 
-    # image files → .npy (+ ids); a missing file is a reported bad row
+    # image files → .npy (+ ids); a file given on the command line that does not exist is an error naming it,
+    # before anything is written (issue 12 item 4)
     out = tmp_path / "c.npy"
-    files = [str(p) for p in ws["files"][:3]] + [str(tmp_path / "missing.png")]
-    assert main(["vq", "encode", "--model", str(model_dir), *files, "--out", str(out), "--device", "cpu"]) == 0
+    files = [str(p) for p in ws["files"][:3]]
+    assert main(["vq", "encode", "--model", str(model_dir), *files, str(tmp_path / "missing.png"), "--out", str(out),
+                 "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "missing.png" in err and "no such image file" in err
+    assert "missing.png: no such image file" in err and not out.exists()
+    assert main(["vq", "encode", "--model", str(model_dir), *files, "--out", str(out), "--device", "cpu"]) == 0
     arr = np.load(out)
     assert arr.shape == (3, 4, 4) and arr.dtype == np.uint16
     assert np.array_equal(arr.reshape(3, -1), ref[:3])

@@ -256,7 +256,7 @@ def test_seed_finetune_predict_evaluate(tmp_path, trained, data_dir, capsys):
     assert json.loads(imgs) == ast.literal_eval(imgs) and len(json.loads(imgs)) == 2
     im = Image.open(io.BytesIO(base64.urlsafe_b64decode(json.loads(imgs)[0])))
     assert im.size == (32, 32) and im.format == "PNG"
-    assert (tmp_path / "png" / f"{idx}_0.png").exists() and (tmp_path / "png" / f"{idx}_grid.png").exists()
+    assert (tmp_path / "png" / f"{idx}_0.png").exists() and (tmp_path / "png" / "grids" / f"{idx}.png").exists()
     # evaluate: loss, bits per image token, and the checker's accuracy with --metric attributes
     rc = main(["--mode=evaluate", f"--tables={data_dir}/val.tsv", f"--input_schema={SCHEMA}",
                "--first_sequence=text", "--second_sequence=imgbase64", f"--checkpoint_dir={ft}",

@@ -148,3 +148,12 @@ def test_sample_grids_are_written_to_disk(tmp_path):
     _train(tmp_path, task=_WithSamples(), max_steps=4)
     names = sorted(p.name for p in (tmp_path / "samples").iterdir())
     assert names == ["step-00000002.png", "step-00000004.png"]
+
+
+def test_warmup_steps_and_save_every_n_epochs(tmp_path):
+    t, _ = _train(tmp_path, max_steps=None, epoch_num=3, save_checkpoint_steps=None, save_checkpoint_epochs=2,
+                  warmup_steps=5, keep_checkpoints=10, log=lambda m: None)
+    steps = [int(p.stem.split("-")[1]) for p in list_checkpoints(tmp_path)]
+    assert steps == [24, 36]            # 12 steps an epoch: after epoch 2, and the last step
+    log = [__import__("json").loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [round(r["lr"] / 1e-2, 4) for r in log[:6]] == [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]

@@ -212,10 +212,29 @@ def parse_user_defined_parameters(text: str | None, spec: dict[str, Param], app:
         key = key.strip()
         if key not in spec:
             raise TuwenError(
-                f"{flag}: unknown key {key!r} for app {app!r}; known keys: {', '.join(sorted(spec))}"
+                f"{flag}: unknown key {key!r} for app {app!r}{did_you_mean(key, spec)}; known keys: "
+                f"{', '.join(sorted(spec))}"
             )
         out[key] = coerce(value, spec[key].type, f"{flag}: {key}")
     return out
+
+
+def did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a mistyped ``word``, else ``''``."""
+    import difflib
+
+    near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def describe_params(spec: dict[str, Param]) -> str:
+    """The keys of a ``user_defined_parameters`` spec, one a line: ``key (type, default X): help``."""
+    lines = []
+    for k, p in spec.items():
+        t = getattr(p.type, "__name__", str(p.type))
+        d = "" if p.default is None else f", default {p.default}"
+        lines.append(f"  {k} ({t}{d}): {p.help}" if p.help else f"  {k} ({t}{d})")
+    return "\n".join(lines)
 
 
 def typed_kwargs(kwargs: dict[str, Any], spec: dict[str, Param], app: str, what: str = "pipeline") -> dict[str, Any]:
@@ -223,6 +242,7 @@ def typed_kwargs(kwargs: dict[str, Any], spec: dict[str, Param], app: str, what:
     out = {k: p.default for k, p in spec.items()}
     for key, value in kwargs.items():
         if key not in spec:
-            raise TuwenError(f"{what}: unknown parameter {key!r} for {app!r}; known: {', '.join(sorted(spec))}")
+            raise TuwenError(f"{what}: unknown parameter {key!r} for {app!r}{did_you_mean(key, spec)}; known: "
+                             f"{', '.join(sorted(spec))}")
         out[key] = coerce(value, spec[key].type, f"{what}: {key}")
     return out

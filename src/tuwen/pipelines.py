@@ -64,6 +64,8 @@ TEXT2IMAGE_PARAMS: dict[str, Param] = {
     "do_eval": Param(bool, True, "evaluate on the validation table while training"),
     "eval_num": Param(int, 64, "evaluate --metric attributes: prompts to generate for"),
     "seed": Param(int, None, "sampling seed (default: --random_seed)"),
+    "weights_dtype": Param(str, None, "predict/evaluate/pipeline: GPT Linear weights fp32 | bf16 | int8 "
+                                      "(default auto: int8 on CPU, as loaded on GPU)"),
 }
 
 
@@ -82,7 +84,9 @@ def load_text2image(path: str, udp: dict, device: str = "auto"):
     sizes = {k: udp[k] for k in ("text_len", "img_len", "size") if udp.get(k) is not None}
     if sizes and _model_type(path) not in EASYNLP_MODEL_TYPES:
         sizes = {}  # a tuwen folder records its sizes: checked below instead
-    model = TextToImage.from_pretrained(path, **kw, **sizes)
+    from .models.quant import resolve_weights_dtype
+    wd = resolve_weights_dtype(udp.get("weights_dtype"), dev, "weights_dtype")
+    model = TextToImage.from_pretrained(path, **kw, **sizes, weights_dtype=wd)
     cfg = model.config
     for k, ck in (("text_len", "text_len"), ("img_len", "img_len"), ("size", "image_size"),
                   ("img_vocab_size", "img_vocab_size")):
@@ -109,7 +113,10 @@ def text2image_sampling(model, udp: dict) -> dict:
 
 
 class TextToImagePipeline:
-    """Callable on a prompt or a list of prompts → one ``{"gen_imgbase64": [...], "images": [...]}`` per prompt."""
+    """Callable on a prompt or a list of prompts → one dict per prompt: ``gen_imgbase64`` (base64 PNGs, each with
+    its generation record in PNG text chunks), ``images`` (PIL), ``records`` (prompt, seed, sampling, model, …),
+    ``warnings`` (what the model will not see of the prompt: unknown words, text past ``text_len``) and
+    ``unknown_tokens`` (the words outside the vocabulary, drawn as if absent)."""
 
     def __init__(self, model_path: str | None = None, device: str = "auto", **udp: Any):
         self.udp = typed_kwargs(udp, TEXT2IMAGE_PARAMS, "text2image_generation")
@@ -118,7 +125,9 @@ class TextToImagePipeline:
         self.model = load_text2image(str(model_path), self.udp, device)
 
     def __call__(self, prompts: str | Sequence[str], **overrides: Any) -> list[dict]:
-        from .data.images import encode_png_b64
+        import base64
+
+        from .data.pngmeta import png_bytes
         udp = dict(self.udp)
         if overrides:  # per-call settings, same typing rules
             typed = typed_kwargs(overrides, TEXT2IMAGE_PARAMS, "text2image_generation")
@@ -129,9 +138,20 @@ class TextToImagePipeline:
         if any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise TuwenError("text2image pipeline: every prompt must be a non-empty string")
         seed = udp["seed"] if udp["seed"] is not None else 0
-        images = self.model.generate(prompts, num_images_per_prompt=udp["max_generated_num"], seed=seed,
-                                     **text2image_sampling(self.model, udp))
-        return [{"gen_imgbase64": [encode_png_b64(im) for im in group], "images": group} for group in images]
+        warnings = [self.model.prompt_warnings(p) for p in prompts]
+        for w in (w for ws in warnings for w in ws):
+            print(f"warning: {w}", file=sys.stderr)
+        gen = text2image_sampling(self.model, udp)
+        n = udp["max_generated_num"]
+        images = self.model.generate(prompts, num_images_per_prompt=n, seed=seed, **gen)
+        out = []
+        for i, (p, group) in enumerate(zip(prompts, images)):
+            records = self.model.records(p, seed, i, n, **gen)
+            out.append({"gen_imgbase64": [base64.b64encode(png_bytes(im, r)).decode("ascii")
+                                          for im, r in zip(group, records)],
+                        "images": group, "records": records, "warnings": warnings[i],
+                        "unknown_tokens": self.model.tokenizer.unknown_words(p)})
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- image/video→text
@@ -176,6 +196,8 @@ CAPTION_PARAMS: dict[str, Param] = {
     "temperature": Param(float, None, "sampling temperature"),
     "seed": Param(int, None, "sampling seed (default: --random_seed)"),
     "pkeep": Param(float, 1.0, "training: probability of keeping each input text token (EasyNLP pkeep)"),
+    "loss_on_padding": Param(bool, False, "loss over all text_len positions, padding included (EasyNLP's "
+                                          "definition); default: the caption and its end token"),
     "do_eval": Param(bool, True, "evaluate on the validation table while training"),
     "eval_num": Param(int, None, "evaluate: caption at most this many images for BLEU/CIDEr/ROUGE (default all)"),
     "device": Param(str, None, "EasyNLP compatibility (cuda/cpu); same as --device"),
@@ -268,12 +290,135 @@ class CaptionPipeline:
         return [{"gen_text": g} for g in caps]
 
 
+# ----------------------------------------------------------------------------------------------- CLIP
+
+#: ``tuwen.pipeline("clip", ...)`` keyword arguments
+CLIP_PIPELINE_PARAMS: dict[str, Param] = {
+    "batch_size": Param(int, 64, "images / texts per forward pass"),
+}
+
+
+class ClipPipeline:
+    """``tuwen.pipeline("clip", model_path=DIR)``: image–text scores and embeddings with a tuwen CLIP folder.
+
+    ``clip(images, texts)`` → ``{"scores": [[cosine of image i and text j]], "logits": scores × logit_scale}``;
+    ``clip.embed_images(images)`` / ``clip.embed_texts(texts)`` → L2-normalised embeddings (float32 tensors).
+    Images: paths, PIL images, base64 strings or bytes (one or a list); texts: a string or a list.
+    """
+
+    def __init__(self, model_path: str, device: str = "auto", **kwargs: Any):
+        from .models.clip import CLIP
+        from .runtime import init_distributed
+
+        self.udp = typed_kwargs(kwargs, CLIP_PIPELINE_PARAMS, "clip")
+        self.model = CLIP.from_pretrained(resolve_model_path(model_path, what="CLIP model"),
+                                          device=init_distributed(device)).eval()
+        if self.model.tokenizer is None:
+            raise TuwenError(f"pipeline('clip'): {model_path} has no vocab.txt")
+
+    @staticmethod
+    def _list(x) -> list:
+        return [x] if isinstance(x, (str, bytes)) or not isinstance(x, (list, tuple)) else list(x)
+
+    def embed_images(self, images):
+        import torch
+        with torch.no_grad():
+            return self.model.encode_image(self._list(images), batch_size=self.udp["batch_size"]).cpu()
+
+    def embed_texts(self, texts):
+        import torch
+        with torch.no_grad():
+            return self.model.encode_text(self._list(texts), batch_size=self.udp["batch_size"]).cpu()
+
+    def __call__(self, images, texts) -> dict:
+        sims = self.embed_images(images) @ self.embed_texts(texts).T
+        scale = float(self.model.logit_scale.detach().exp()) if hasattr(self.model, "logit_scale") else 1.0
+        return {"scores": sims.tolist(), "logits": (sims * scale).tolist()}
+
+
+# ----------------------------------------------------------------------------------------------- pipeline()
+
+#: EasyNLP model-zoo names (as the ARTIST / captioning articles call them) → their task
+ZOO_TASKS = {
+    "pai-painter-base-zh": "text2image_generation",
+    "pai-painter-large-zh": "text2image_generation",
+    "pai-painter-commercial-base-zh": "text2image_generation",
+    "pai-painter-painting-base-zh": "text2image_generation",
+    "pai-painter-scenery-base-zh": "text2image_generation",
+    "artist-base-zh": "text2image_generation",
+    "artist-large-zh": "text2image_generation",
+    "artist-i2t-large-zh": "image2text_generation",
+}
+
+
+def _task_of_model(name: str) -> str | None:
+    """The task of a model named as ``pipeline``'s first argument: a known zoo name, or the ``model_type`` of a
+    folder found locally / under ``$TUWEN_HOME/models``; None when it is neither."""
+    import json
+
+    base = name.rstrip("/").split("/")[-1]
+    if base in ZOO_TASKS:
+        return ZOO_TASKS[base]
+    try:
+        path = resolve_model_path(name)
+    except TuwenError:
+        return None
+    mt = read_model_type(path)
+    if mt in ("text2image", "artist"):
+        return "text2image_generation"
+    if mt in ("captioner", "mingpt_i2t", "artist_i2t"):
+        try:
+            video = bool(json.loads((path / "config.json").read_text(encoding="utf-8")).get("video"))
+        except (OSError, ValueError):
+            video = False
+        return "video2text_generation" if video else "image2text_generation"
+    if mt == "clip":
+        return "clip"
+    return None
+
+
 def pipeline(task: str, model_path: str | None = None, **kwargs: Any):
-    """Build a pipeline for ``task`` (see the module docstring)."""
+    """Build a pipeline for ``task`` — EasyNLP's ``pipeline()`` offline. Nothing is downloaded.
+
+    Tasks and what the pipeline is called on (keyword arguments: the task's typed ``user_defined_parameters``;
+    unknown keys are an error naming the closest known one):
+
+    * ``"text2image_generation"`` — ``gen(prompt | [prompts], **overrides)`` → per prompt ``{"gen_imgbase64",
+      "images", "records", "warnings", "unknown_tokens"}``. ``model_path``: a tuwen or EasyNLP ARTIST folder or
+      a model-zoo name under ``$TUWEN_HOME/models`` (default: the shipped demo model). Keys
+      (``TEXT2IMAGE_PARAMS``): max_generated_num, top_k, top_p, temperature, guidance_scale, seed, size,
+      text_len, img_len, vqgan_config, ….
+    * ``"image2text_generation"`` / ``"video2text_generation"`` — ``cap(image | [images])`` → per input
+      ``{"gen_text": [...]}``; images are paths, PIL images, base64 strings or bytes (video: a list of frames per
+      input). ``model_path`` required. Keys (``CAPTION_PARAMS``): max_generated_num, num_beams, top_k, seed, ….
+    * ``"clip"`` — ``clip(images, texts)`` → ``{"scores", "logits"}``; ``clip.embed_images`` /
+      ``clip.embed_texts`` → embeddings. ``model_path`` required (a tuwen CLIP folder). Keys: batch_size.
+
+    ``task`` may also be an EasyNLP model-zoo name or a model folder: ``pipeline("pai-painter-commercial-base-zh")``
+    is ``pipeline("text2image_generation", "pai-painter-commercial-base-zh")`` — the files must be under
+    ``$TUWEN_HOME/models/`` (default ``~/.cache/tuwen/models/``); the error says where when they are not.
+    ``device=`` ("auto", "cpu", "cuda", "cuda:N") is accepted by every task.
+    """
+    if task not in TASKS and task != "clip":
+        inferred = _task_of_model(task)
+        if inferred is None:
+            import difflib
+            near = difflib.get_close_matches(task, list(TASKS) + ["clip"], n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            if "/" in task or "-" in task:  # looks like a model name: say where its files must be
+                resolve_model_path(task, what="pipeline model")  # raises, naming where to put the files
+            raise TuwenError(f"pipeline: unknown task {task!r}{hint}; choose one of {', '.join(TASKS)}, clip, "
+                             f"or pass a model folder / model-zoo name")
+        if model_path is not None:
+            raise TuwenError(f"pipeline({task!r}, {model_path!r}): the first argument is already a model; give the "
+                             f"task first: pipeline({inferred!r}, {task!r})")
+        task, model_path = inferred, task
     if task == "text2image_generation":
         return TextToImagePipeline(model_path, **kwargs)
     if task in ("image2text_generation", "video2text_generation"):
         if model_path is None:
             raise TuwenError(f"pipeline({task!r}): give model_path= (a captioning model folder); nothing is downloaded")
         return CaptionPipeline(task, model_path, **kwargs)
-    raise TuwenError(f"pipeline: unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if model_path is None:
+        raise TuwenError("pipeline('clip'): give model_path= (a tuwen CLIP folder); nothing is downloaded")
+    return ClipPipeline(model_path, **kwargs)

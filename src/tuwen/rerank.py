@@ -118,6 +118,12 @@ def load_scorer(spec: str, device: str | torch.device | None = None, batch_size:
     spec = str(spec).strip()
     kind, _, path = spec.partition(":")
     if kind.lower() not in ("clip", "caption") or not path:   # a bare folder: look at its model_type
+        if path and not Path(spec).expanduser().exists():
+            import difflib
+            near = difflib.get_close_matches(kind.lower(), ["clip", "caption"], n=1)
+            raise TuwenError(f"{flag} {spec}: unknown scorer {kind!r}"
+                             + (f" (did you mean {near[0]}:{path}?)" if near else "")
+                             + "; use clip:DIR (a CLIP model) or caption:DIR (a captioning model)")
         kind, path = "", spec
     p = resolve_model_path(path, what=f"{flag} model")
     if not kind:

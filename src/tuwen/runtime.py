@@ -151,3 +151,66 @@ def broadcast_object(obj, src: int = 0):
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def progress_disable(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for a ``--progress`` / ``--no_progress`` switch: None (not given) → None (tqdm shows a
+    bar only when stderr is a terminal), True → always on, False → off; never on ranks other than 0."""
+    if rank() != 0:
+        return True
+    return None if progress is None else not progress
+
+
+# ----------------------------------------------------------------------------------------------- CPU threads
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (the affinity mask / container limit when the OS tells it), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers(device: torch.device | str, cores: int | None = None) -> int:
+    """DataLoader workers when the user gives none (``--data_threads``).
+
+    On CPU the model's own maths needs the cores: workers decoding images beside it oversubscribe a small machine.
+    So: no workers up to 4 cores, then a quarter of the cores (at most 4). On a GPU the CPU only feeds it: up to 4
+    workers, one core left for the main process. Measured (README "Training on your own images"): tiny VQGAN,
+    64 px, batch 16, on a busy 2-core machine: torch's 2 threads + 1 worker 1.9–6.1 images/s, 2 threads + 0
+    workers 1.1, 1 thread + 0 workers 5.8–8.3.
+    """
+    cores = cpu_count() if cores is None else max(1, cores)
+    if torch.device(device).type == "cuda":
+        return min(4, max(0, cores - 1))
+    return 0 if cores <= 4 else min(4, cores // 4)
+
+
+def default_threads(workers: int, cores: int | None = None) -> int:
+    """torch intra-op threads for CPU training: threads + workers ≤ cores − 1 (one core left for the OS, the
+    main process' data loading and whatever else runs on the machine), at least 1 — on 2 cores: 1 thread."""
+    cores = cpu_count() if cores is None else max(1, cores)
+    return max(1, cores - 1 - max(0, workers))
+
+
+def configure_threads(device: torch.device | str, workers: int, cores: int | None = None) -> int:
+    """Lower torch's intra-op threads to ``default_threads`` on CPU (each DataLoader worker runs one thread of its
+    own), unless the user chose (``TUWEN_NUM_THREADS`` or ``OMP_NUM_THREADS`` in the environment). Returns the
+    number of threads in use. Nothing changes for CUDA runs."""
+    if torch.device(device).type == "cuda":
+        return torch.get_num_threads()
+    env = os.environ.get("TUWEN_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise TuwenError(f"TUWEN_NUM_THREADS={env!r}: not a whole number of threads") from None
+        torch.set_num_threads(max(1, n))
+        return torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    want = default_threads(workers, cores)
+    if want < torch.get_num_threads():
+        torch.set_num_threads(want)
+    return torch.get_num_threads()

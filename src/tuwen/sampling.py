@@ -238,8 +238,9 @@ class _Picker:
     """
 
     def __init__(self, B, seeds, *, guidance_scale, temperature, top_k, top_p, allowed, eos_id, pad_id,
-                 return_logprobs):
+                 return_logprobs, forced=None):
         self.B, self.seeds = B, seeds
+        self.forced = forced  # [B, num_tokens] output ids to emit instead of sampling (-1: sample), or None
         self.scale = guidance_scale
         self.kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, allowed=allowed)
         self.eos_id, self.pad_id = eos_id, pad_id
@@ -251,6 +252,9 @@ class _Picker:
             cond, uncond = logits.chunk(2)
             logits = uncond + self.scale * (cond - uncond)  # [B, V]
         tok = sample_tokens(logits, self.seeds, step, **self.kw)
+        if self.forced is not None:
+            f = self.forced[:, step] if isinstance(step, int) else self.forced.index_select(1, step.reshape(1))[:, 0]
+            tok = torch.where(f >= 0, f, tok)
         logp = None
         if self.eos_id is not None:
             tok = torch.where(finished, self.pad_id, tok)
@@ -260,6 +264,11 @@ class _Picker:
         if self.eos_id is not None:
             finished |= tok == self.eos_id
         return tok, logp
+
+
+#: public name of the token picker: tuwen.serve's continuous batcher samples each group of rows with it, so that
+#: its tokens are exactly those of :func:`generate` (per-row ``step`` tensors are fine: the RNG is per row)
+TokenPicker = _Picker
 
 
 def _feed(tok: torch.Tensor, token_offset: int, doubled: bool) -> torch.Tensor:
@@ -345,7 +354,8 @@ def generate(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefix_embed
              uncond_prefix_ids: torch.Tensor | None = None, uncond_prefix_embeds: torch.Tensor | None = None,
              token_offset: int = 0, eos_id: int | None = None, pad_id: int = 0,
              use_cuda_graph: bool | str = "auto", static_cache: bool | None = None,
-             amp_dtype: torch.dtype | None = None, return_logprobs: bool = False):
+             amp_dtype: torch.dtype | None = None, return_logprobs: bool = False,
+             forced: torch.Tensor | None = None, speculative: int | None = None, stats: dict | None = None):
     """Sample ``num_tokens`` tokens per row after the prefix → LongTensor [B, num_tokens] (output ids).
 
     prefix_ids [B, P1] (input ids) and/or prefix_embeds [B, P0, n_prefix_embd] (placed first) are prefilled
@@ -360,6 +370,13 @@ def generate(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefix_embed
     one the graph captures; also runs on CPU, for testing). amp_dtype: autocast dtype (e.g. torch.bfloat16
     on CUDA; faster still is a model already cast to bf16). return_logprobs: also return log p(token) [B, T]
     under the model (after CFG, before temperature/top-k/top-p; 0 after EOS).
+    forced: LongTensor [num_tokens] or [B, num_tokens] of output ids emitted *instead of* sampling where >= 0
+    (-1: sample); known tokens inside the generated span (CogView's super-resolution windows, image completion)
+    are fed through the same cache, and every sampled token sees all known tokens before it.
+    speculative: ``k`` ≥ 1 turns on speculative Jacobi decoding (:func:`_generate_speculative`): k guessed tokens
+    verified per forward, the same distribution as one-by-one sampling (not the same tokens for a seed: the
+    random numbers are used differently), rows still independent of the batch; eager (no CUDA graph); not with
+    return_logprobs or forced. ``stats``: a dict it fills (``tokens_per_step``: tokens per decode forward).
     """
     B, P = _prefix_batch(model, prefix_ids, prefix_embeds)
     cfg = model.config
@@ -385,8 +402,32 @@ def generate(model: GPT, *, prefix_ids: torch.Tensor | None = None, prefix_embed
                            uncond_prefix_embeds, B)
     Bx = 2 * B if doubled else B
     seeds_t = as_seeds(seeds, B, dev)
+    if forced is not None:
+        forced = torch.as_tensor(forced, dtype=torch.long).to(dev)
+        forced = forced.expand(B, -1) if forced.dim() == 1 else forced
+        if tuple(forced.shape) != (B, num_tokens):
+            raise TuwenError(f"forced must be [num_tokens={num_tokens}] or [{B}, {num_tokens}], got "
+                             f"{tuple(forced.shape)}")
+        if int(forced.max()) + token_offset >= cfg.vocab_size:
+            raise TuwenError(f"forced ids must be < {cfg.vocab_size - token_offset} (or -1 to sample)")
+    if speculative is not None:
+        if isinstance(speculative, bool) or not isinstance(speculative, int) or not 1 <= speculative <= 63:
+            raise TuwenError(f"speculative must be an integer in 1..63 (guessed tokens per step), got {speculative!r}")
+        if return_logprobs or forced is not None:
+            raise TuwenError("speculative decoding does not take return_logprobs or forced tokens; leave one off")
+        if P + num_tokens > cfg.block_size:
+            warnings.warn(f"speculative decoding needs one spare position (prefix {P} + {num_tokens} tokens ≤ "
+                          f"block_size {cfg.block_size}); decoding one token per step instead")
+        elif num_tokens > 1:
+            with _eval_mode(model), model.fused_qkv(dtype=amp_dtype):
+                return _generate_speculative(
+                    model, ids=ids, emb=emb, B=B, P=P, num_tokens=num_tokens, seeds=seeds_t, window=speculative + 1,
+                    guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                    allowed=allowed, token_offset=token_offset, eos_id=eos_id, pad_id=pad_id, amp_dtype=amp_dtype,
+                    stats=stats)
     picker = _Picker(B, seeds_t, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                     top_p=top_p, allowed=allowed, eos_id=eos_id, pad_id=pad_id, return_logprobs=return_logprobs)
+                     top_p=top_p, allowed=allowed, eos_id=eos_id, pad_id=pad_id, return_logprobs=return_logprobs,
+                     forced=forced)
     out = torch.full((B, num_tokens), pad_id, dtype=torch.long, device=dev)
     logprobs = torch.zeros(B, num_tokens, dtype=torch.float32, device=dev) if return_logprobs else None
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -677,3 +718,140 @@ class SamplingParams(BaseConfig):
         if unknown:
             raise TuwenError(f"unknown sampling setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------------------------------ speculative Jacobi
+
+_SJD_STEP = 0x40000000  # RNG "steps" of speculative decoding: 4 per iteration, apart from generate's steps
+
+
+def _processed_logprobs(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
+                        allowed: Allowed) -> torch.Tensor:
+    """[N, V] logits → [N, V] log-probs of the distribution :func:`sample_tokens` draws from (temperature,
+    top-k, top-p and ``allowed`` applied; excluded ids at -inf; greedy = one-hot)."""
+    logits = logits.float()
+    if isinstance(allowed, tuple):
+        logits = torch.full_like(logits, float("-inf")).index_copy_(
+            1, torch.arange(allowed[0], allowed[1], device=logits.device), logits[:, allowed[0]:allowed[1]])
+    elif allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if temperature == 0 or top_k == 1:
+        return torch.full_like(logits, float("-inf")).scatter_(1, logits.argmax(dim=-1, keepdim=True), 0.0)
+    if temperature != 1.0:
+        logits = logits / temperature
+    V = logits.shape[-1]
+    if (top_k is not None and top_k < V) or (top_p is not None and top_p < 1.0):
+        vals, idx = logits.topk(top_k, dim=-1) if top_k is not None and top_k < V else \
+            logits.sort(dim=-1, descending=True)
+        if top_p is not None and top_p < 1.0:
+            probs = vals.softmax(dim=-1)
+            vals = vals.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter_(1, idx, vals)
+    return logits.log_softmax(dim=-1)
+
+
+def _gumbel_from_keys(row_keys: torch.Tensor, index_keys: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [B, K] from per-row keys [B] and precomputed index keys [K] (as :func:`gumbel_noise`)."""
+    h = hash32(row_keys[:, None] ^ index_keys)
+    return -torch.log(-torch.log(((h >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)))
+
+
+def _generate_speculative(model: GPT, *, ids, emb, B: int, P: int, num_tokens: int, seeds: torch.Tensor,
+                          window: int, guidance_scale, temperature, top_k, top_p, allowed, token_offset: int,
+                          eos_id, pad_id: int, amp_dtype, stats: dict | None) -> torch.Tensor:
+    """Speculative Jacobi decoding (SJD, arXiv 2410.01699): ``window - 1`` guessed tokens are verified in one
+    forward pass of ``window`` positions per row; each guess ``d`` (drawn from a known distribution ``q``) is
+    accepted with probability ``min(1, p(d) / q(d))`` where ``p`` is the model's distribution given the accepted
+    prefix; at the first rejection the token is drawn from ``norm(max(0, p - q))`` (speculative sampling), so
+    every token has exactly the distribution of one-by-one sampling. When all guesses are accepted the last
+    position's ``p`` gives one more token: 1 … ``window`` tokens per forward. The next guesses are drawn from
+    the distributions this forward computed further along (conditioned on the old guesses: the Jacobi step).
+
+    Rows keep their own positions (per-row positions of the KV cache), iteration counter and counter-based
+    random numbers, so a row's tokens depend only on its seed and its logits, not on the batch. Positions past
+    the end go to one scratch slot of the cache that no real position attends to.
+    """
+    dev = seeds.device
+    N, L = num_tokens, window
+    doubled = guidance_scale is not None
+    Bx = 2 * B if doubled else B
+    trash = P + N - 1  # scratch position: after every real one
+    cache_dtype = amp_dtype if amp_dtype is not None else model.tok_emb.weight.dtype
+    cache = KVCache.for_model(model, Bx, max_len=P + N, dtype=cache_dtype)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, allowed=allowed)
+
+    def mixed(logits):  # [Bx, T, V] → [B, T, V] float (CFG)
+        logits = logits.float()
+        if doubled:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + guidance_scale * (cond - uncond)
+        return logits
+
+    def plogp(logits):  # [B, T, V] → processed log-probs [B, T, V]
+        b, t, v = logits.shape
+        al = allowed.repeat_interleave(t, dim=0) if isinstance(allowed, torch.Tensor) and allowed.dim() == 2 \
+            else allowed
+        return _processed_logprobs(logits.reshape(b * t, v), **{**kw, "allowed": al}).reshape(b, t, v)
+
+    out = torch.full((B, N), pad_id, dtype=torch.long, device=dev)
+    rows = torch.arange(B, device=dev)
+    slots = torch.arange(L, device=dev)
+    with autocast(dev, amp_dtype):
+        lp0 = plogp(mixed(model(ids, emb, cache=cache, start_pos=0, logits_start=-1)))[:, 0]  # [B, V]
+    V = lp0.shape[-1]
+    vkeys = _index_keys(torch.arange(L * V, device=dev))  # [L*V]: (slot, id) → key, shared by every row
+
+    def noise(it: int, purpose: int, n_slots: int) -> torch.Tensor:  # [B, n_slots, V] Gumbel
+        rk = _row_keys(seeds, _SJD_STEP + 4 * it + purpose)
+        return _gumbel_from_keys(rk, vkeys[:n_slots * V]).view(B, n_slots, V)
+
+    # token 0: an exact draw from the prefill's distribution; guesses for 1 … L-1 drawn from it as well
+    tok0 = (lp0 + noise(0, 1, 1)[:, 0]).argmax(dim=-1)  # [B]
+    out[:, 0] = tok0
+    lq = lp0[:, None].expand(B, L - 1, V).contiguous()  # [B, L-1, V] the distributions of the guesses
+    draft = (lq + noise(0, 2, L - 1)).argmax(dim=-1)  # [B, L-1]
+    n = torch.ones(B, dtype=torch.long, device=dev)  # tokens fixed per row
+    row_iters = torch.zeros(B, dtype=torch.long, device=dev)  # forwards each row needed
+    last = tok0
+    it = 0
+    while True:
+        if bool((n >= N).all()):
+            break
+        it += 1
+        row_iters += n < N
+        feed = torch.cat([last[:, None], draft], dim=1) + token_offset  # [B, L]: token n-1, guesses n … n+L-2
+        pos = P + n[:, None] - 1 + slots  # [B, L]
+        pos = torch.where(n[:, None] + slots <= N - 1, pos, trash)  # slots predicting past the end: scratch
+        if doubled:
+            feed, pos = torch.cat([feed, feed]), torch.cat([pos, pos])
+        with autocast(dev, amp_dtype):
+            lp = plogp(mixed(model(feed, cache=cache, start_pos=pos, logits_start=0)))  # [B, L, V]
+        # verify guesses: slot j's guess (token n+j) against p_j = lp[:, j]
+        lp_d = lp[:, :L - 1].gather(2, draft[:, :, None])[:, :, 0]  # [B, L-1]
+        lq_d = lq.gather(2, draft[:, :, None])[:, :, 0]
+        u = uniform_noise(seeds, _SJD_STEP + 4 * it, slots[:L - 1])  # [B, L-1]
+        ok = torch.log(u) < lp_d - lq_d
+        r = torch.where(ok.all(dim=1), L - 1, (~ok).long().argmax(dim=1))  # first rejection (L-1: none)
+        # the token at slot r: from norm(max(0, p - q)) after a rejection, from p after L-1 acceptances
+        res = (lp[:, :L - 1].exp() - lq.exp()).clamp_min(0.0)  # [B, L-1, V]
+        res_lp = torch.where(res.sum(-1, keepdim=True) > 1e-12, res.log(), lp[:, :L - 1])
+        fix_lp = torch.cat([res_lp, lp[:, L - 1:]], dim=1)  # [B, L, V]
+        fixed = (fix_lp + noise(it, 1, L)).argmax(dim=-1)  # [B, L]
+        new = torch.where(slots[None] < r[:, None], torch.cat([draft, draft[:, :1]], dim=1), fixed)  # [B, L]
+        a = torch.minimum(r + 1, (N - n).clamp_min(0))  # tokens gained, capped at the end
+        keep = slots[None] < a[:, None]  # [B, L]
+        col = (n[:, None] + slots).clamp_max(N - 1)
+        out[rows[:, None].expand(B, L)[keep], col[keep]] = new[keep]
+        last = torch.where(a > 0, new.gather(1, (a - 1).clamp_min(0)[:, None])[:, 0], last)
+        # next guesses: token n' + k drawn from this forward's distribution at slot min(a + k, L-1)
+        src = (a[:, None] + slots[None, :L - 1]).clamp_max(L - 1)  # [B, L-1]
+        lq = lp.gather(1, src[:, :, None].expand(B, L - 1, V))
+        draft = (lq + noise(it, 2, L - 1)).argmax(dim=-1)
+        n = n + a
+    if stats is not None:  # tokens per decode forward (the prefill's token not counted), mean over rows
+        stats.update(forwards=it + 1, rows=B, num_tokens=N,
+                     tokens_per_step=float(((N - 1) / row_iters.clamp_min(1).float()).mean()))
+    if eos_id is not None:  # a row that emitted eos emits pad afterwards
+        hit = (out == eos_id).long().cumsum(dim=1)
+        out = torch.where((hit - (out == eos_id).long()) > 0, pad_id, out)
+    return out

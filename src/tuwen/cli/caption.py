@@ -18,7 +18,9 @@ import sys
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("caption", help="caption images or videos with a trained captioner",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="*", help="image files (or, for a video model, frame folders / a,b,c lists)")
+    p.add_argument("images", nargs="*",
+                   help="image files, folders of images, globs ('imgs/*.png'), or .txt lists of image paths (one a "
+                        "line, CogView's image2text input); for a video model: frame folders / a,b,c lists")
     p.add_argument("--model", required=True, help="captioner folder (tuwen or EasyNLP mingpt_i2t)")
     p.add_argument("--frames", action="append", default=[], metavar="F0,F1,...",
                    help="one video as comma-separated frame files, in time order (repeatable)")
@@ -49,7 +51,7 @@ def run(args) -> int:
     model = Captioner.from_pretrained(args.model, device=init_distributed(args.device), **over)
     video = model.config.video
     # video: every positional input is one clip (a folder of frames, "a.png,b.png" or a single frame)
-    inputs = [frames_of(x) for x in args.images] if video else list(args.images)
+    inputs = [frames_of(x) for x in args.images] if video else expand_image_args(args.images)
     if args.frames:
         if not video:
             raise TuwenError(f"--frames: {args.model} captions still images, not videos; pass the images as arguments")
@@ -77,3 +79,57 @@ def run(args) -> int:
             for c in r["gen_text"]:
                 sys.stdout.write(f"{r['input']}\t{c}\n")
     return 0
+
+
+def expand_image_args(args: list[str]) -> list[str]:
+    """Still-image inputs → image paths: a file as it is, a folder's images (sorted; grids left out), a glob's
+    matches, a ``.txt`` list (one path a line, relative to the list's folder when not found as given; CogView's
+    image2text input). A path that does not exist is an error naming it (and the list line)."""
+    import glob
+    import re
+    from pathlib import Path
+
+    from ..data.pngmeta import image_files
+    from ..data.tables import IMAGE_EXTS
+    from ..errors import TuwenError
+
+    out: list[str] = []
+    for a in args:
+        p = Path(a).expanduser()
+        if p.is_dir():
+            found = image_files(p, IMAGE_EXTS)
+            if not found:
+                raise TuwenError(f"{a}: a folder with no images ({', '.join(sorted(IMAGE_EXTS))})")
+            out += [str(f) for f in found]
+        elif p.is_file() and p.suffix.lower() == ".txt":
+            try:
+                lines = p.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as e:
+                raise TuwenError(f"{a}: not UTF-8 text (byte {e.start}); a list holds one image path a line") from None
+            n = 0
+            for lineno, line in enumerate(lines, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                q = Path(line).expanduser()
+                if not q.is_file() and not q.is_absolute() and (p.parent / q).is_file():
+                    q = p.parent / q
+                if not q.is_file():
+                    raise TuwenError(f"{a}:{lineno}: {line}: no such image file")
+                out.append(str(q))
+                n += 1
+            if not n:
+                raise TuwenError(f"{a}: an empty list (one image path a line)")
+        elif p.is_file():
+            out.append(str(p))
+        elif any(c in a for c in "*?["):
+            found = sorted(glob.glob(str(p), recursive=True))
+            found = [f for f in found if Path(f).is_file()]
+            if not found:
+                raise TuwenError(f"{a}: no file matches this pattern")
+            out += found
+        elif len(a) > 256 and re.fullmatch(r"[A-Za-z0-9+/=_-]+", a):
+            out.append(a)  # a base64 image given on the command line
+        else:
+            raise TuwenError(f"{a}: no such file or folder")
+    return out

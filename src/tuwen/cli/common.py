@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.pngmeta import GRID_DIR  # grids go in this sub-folder; readers of image folders skip it
 from ..errors import TuwenError
 
 
@@ -113,7 +114,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "contrastive loss scores each pair against the other pairs of its batch, and a batch of 2 "
                         "gives each image one negative; open_clip / Chinese-CLIP use hundreds to thousands)")
     g.add_argument("--data_threads", "--num_workers", "--workers", dest="num_workers", type=int, default=None,
-                   help="DataLoader worker processes (default: cores-1, at most 4)")
+                   help="DataLoader worker processes (default: CPU 0 up to 4 cores, else cores/4; GPU cores-1; at "
+                        "most 4). On CPU torch then uses cores-1-workers threads unless OMP_NUM_THREADS is set")
     g.add_argument("--use_amp", "--amp", dest="use_amp", action="store_true",
                    help="mixed precision (bf16 on CUDA; same as --precision bf16)")
     g.add_argument("--resume_from_checkpoint", "--resume", dest="resume", default=None,
@@ -161,18 +163,12 @@ def train_args_from(ns: argparse.Namespace, *, default_lr: float, default_wd: fl
         strict=getattr(ns, "strict", False), tensorboard=ns.tensorboard,
         max_bad_listed=getattr(ns, "max_bad_listed", 20), compile=ns.compile, progress=ns.progress,
     )
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(TrainArgs)}
     for flag, attr in (("--warmup", "warmup_steps"), ("--save-frequency", "save_checkpoint_epochs")):
         value = getattr(ns, attr, None)
         if value is None:
             continue
         if value < (0 if attr == "warmup_steps" else 1):
             raise TuwenError(f"{flag} {value}: must be ≥ {0 if attr == 'warmup_steps' else 1}")
-        if attr not in fields:  # the trainer does not take it (yet): say so rather than ignore it
-            raise TuwenError(f"{flag} is not supported by this trainer; use "
-                             + ("--warmup_proportion" if attr == "warmup_steps" else "--save_checkpoint_steps"))
         setattr(args, attr, value)
     args.validate()
     return args
@@ -191,12 +187,14 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--rerank", default=None, help="clip:DIR or caption:DIR: score candidates and keep the best")
     t.add_argument("--keep", type=int, default=None, help="with --rerank: how many candidates to keep per prompt")
     t.add_argument("--metric", default=None, help="evaluate: extra metric, e.g. 'attributes' on the synthetic set")
+    t.add_argument("--weights_dtype", default=None, choices=["auto", "fp32", "bf16", "int8"],
+                   help="text→image predict/evaluate: GPT Linear weights (default auto: int8 weight-only on CPU, "
+                        "as loaded on GPU); same as user_defined_parameters weights_dtype=")
 
 
 # ----------------------------------------------------------------------------------------------- image output
 # (text→image: `tuwen generate`, `tuwen demo` and `--mode=predict --output_dir`)
 
-from ..data.pngmeta import GRID_DIR  # noqa: E402  grids go in this sub-folder; readers of image folders skip it
 
 
 def sanitize_name(s, maxlen: int = 80) -> str:
@@ -271,9 +269,3 @@ class ImageWriter:
             make_grid(images).save(self.out_dir / GRID_DIR / f"{base}.png")
         self.last_grid = f"{GRID_DIR}/{base}.png"
         return names
-
-
-def write_images(out_dir, key, images: list, scores: list[float] | None = None,
-                 records: list[dict] | None = None) -> list[str]:
-    """One-off ``ImageWriter(out_dir).write(...)`` (no check for repeated keys across calls)."""
-    return ImageWriter(out_dir).write(key, images, scores, records)

@@ -8,19 +8,27 @@ def add_parser(sub) -> None:
                                    "combinations never seen in training) with the demo model shipped in the "
                                    "package, writes PNGs, grids and index.html, and prints the attribute "
                                    "checker's accuracy.")
-    p.add_argument("--out", default="tuwen_demo")
+    p.add_argument("--out", default="tuwen_demo",
+                   help="output folder: PNGs, grids/, prompts.json, index.html (default tuwen_demo)")
     p.add_argument("-n", type=int, default=4, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (each image derives its own from it)")
     p.add_argument("--model", default=None, help="another text→image model folder (default: the shipped one)")
     p.add_argument("--prompt", action="append", default=None, help="prompt(s) instead of the demo prompts")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--weights_dtype", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                   help="GPT Linear weights for decoding (auto: int8 weight-only on CPU, as loaded on GPU)")
+    p.add_argument("--speculative", type=int, default=None, metavar="K",
+                   help="speculative Jacobi decoding with K guessed codes per step")
     p.set_defaults(func=run)
 
 
 def run(a) -> int:
     from ..demo import run_demo
 
-    res = run_demo(a.out, n=a.n, seed=a.seed, prompts=a.prompt, model_path=a.model, device=a.device)
+    res = run_demo(a.out, n=a.n, seed=a.seed, prompts=a.prompt, model_path=a.model, device=a.device,
+                   weights_dtype=a.weights_dtype, speculative=a.speculative)
+    for w in res.get("warnings", []):
+        print(f"warning: {w}")
     for e in res["entries"]:
         marks = "".join("✓" if ok else "✗" for ok in e["ok"])
         note = f"  ({e['note']})" if e["note"] else ""

@@ -8,6 +8,10 @@ The feature space is chosen explicitly (nothing is downloaded):
   --features vqgan:DIR        tuwen VQGAN encoder (pooled pre-quantisation latents)
   --features inception:FILE   FID Inception-v3 from pytorch-fid's pt_inception-2015-12-05-6726825d.pth
 
+--retrieval: does each generated image retrieve its own reference image (same idx, or --match text: same prompt)
+among all references? R@1/R@5 in pixel space and in a fixed random-CNN feature space (no network to download);
+also for VQGAN reconstructions against their originals.
+
 The report (human-readable on stderr, JSON on stdout or --output) states the feature network, the sample counts
 and the resize rule. Numbers from different feature spaces or --size values are not comparable.
 """
@@ -26,6 +30,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reference", default=None, help="folder or TSV of real images (needed for FD/KID)")
     p.add_argument("--features", default=None, help="clip:DIR | vqgan:DIR | inception:FILE")
     p.add_argument("--clip", default=None, help="a tuwen CLIP folder: also report the CLIP score of --generated")
+    p.add_argument("--retrieval", action="store_true",
+                   help="self-retrieval R@1/R@5 of generated images among --reference (pixel + random features)")
+    p.add_argument("--match", choices=("idx", "text"), default="idx",
+                   help="--retrieval: a generated image's own reference has its idx (default) or its prompt text")
+    p.add_argument("--retrieval_size", type=int, default=32, help="--retrieval: pixel-space image size (default 32)")
     p.add_argument("--size", type=int, default=None,
                    help="first resize every image (shortest side, bicubic) + center-crop to SIZE×SIZE")
     p.add_argument("--kid_subset_size", type=int, default=1000, help="images per KID subset (clamped to the set size)")
@@ -51,13 +60,25 @@ def run(args) -> int:
         v = getattr(args, flag)
         if v is not None and v < (2 if flag == "kid_subset_size" else 1):
             raise TuwenError(f"--{flag} must be ≥ {2 if flag == 'kid_subset_size' else 1}, got {v}")
-    res = evaluate_images(args.generated, args.reference, args.features, args.clip, size=args.size,
-                          kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
-                          batch_size=args.batch_size, device=args.device, seed=args.seed,
-                          max_images=args.max_images, progress=args.progress, max_bad_listed=args.max_bad_listed,
-                          text_column=args.text_column, image_column=args.image_column,
-                          skip_first_line=args.skip_first_line)
-    print(format_report(res), file=sys.stderr)
+    set_kw = dict(text_column=args.text_column, image_column=args.image_column, skip_first_line=args.skip_first_line)
+    res = {}
+    if args.retrieval:
+        from ..metrics.image_retrieval import format_retrieval, retrieval_eval
+        if not args.reference:
+            raise TuwenError("--retrieval needs --reference (the real images, with the idx/prompt of each)")
+        if args.retrieval_size < 1:
+            raise TuwenError(f"--retrieval_size must be ≥ 1, got {args.retrieval_size}")
+        res["retrieval"] = retrieval_eval(args.generated, args.reference, args.match, args.retrieval_size,
+                                          args.max_images, args.max_bad_listed, **set_kw)
+    if args.features or args.clip or not args.retrieval:
+        res.update(evaluate_images(args.generated, args.reference, args.features, args.clip, size=args.size,
+                                   kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
+                                   batch_size=args.batch_size, device=args.device, seed=args.seed,
+                                   max_images=args.max_images, progress=args.progress,
+                                   max_bad_listed=args.max_bad_listed, **set_kw))
+        print(format_report(res), file=sys.stderr)
+    if args.retrieval:
+        print(format_retrieval(res["retrieval"]), file=sys.stderr)
     print(json.dumps(res, ensure_ascii=False))
     if args.output:
         save_json(res, args.output)

@@ -21,7 +21,7 @@ from .. import runtime as D
 
 def format_value(v: Any) -> str:
     if isinstance(v, str):
-        return v.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+        return v.replace("\t", " ").replace("\r", " ").replace("\n", " ").replace("\x00", "")
     if isinstance(v, (list, tuple, dict)):
         return json.dumps(v, ensure_ascii=False)
     if isinstance(v, float):
@@ -84,7 +84,7 @@ def run_predict(source: RowSource, predict_batch: Callable[[list[dict], list[int
         report.add(bad)
 
     from tqdm import tqdm
-    bar = tqdm(total=len(mine), desc=desc, unit="row", disable=(rank != 0) or (progress is False) or None,
+    bar = tqdm(total=len(mine), desc=desc, unit="row", disable=D.progress_disable(progress),
                file=sys.stderr)
     for start in range(0, len(mine), batch_size):
         idx = mine[start:start + batch_size]

@@ -75,8 +75,15 @@ def add_train_parser(sub) -> None:
                     "Example: tuwen vq train --tables train.tsv,val.tsv --input_schema idx:str:1,text:str:1,"
                     "imgbase64:str:1 --second_sequence imgbase64 --checkpoint_dir models/vqgan --preset tiny "
                     "--size 64 --micro_batch_size 32 --learning_rate 2e-4 --epoch_num 10")
-    add_data_flags(q, required_tables=True)
+    add_data_flags(q)
     add_train_flags(q)
+    d = q.add_argument_group("DALLE-pytorch train_vae.py spellings (README: Data)")
+    d.add_argument("--image_folder", default=None, help="a folder of images (captions not needed) → --tables")
+    d.add_argument("--image_size", dest="size", type=int, default=None, help="→ --size")
+    d.add_argument("--num_tokens", type=int, default=None, help="codebook size → --arch n_embed=")
+    d.add_argument("--emb_dim", type=int, default=None, help="code vector size → --arch embed_dim=")
+    d.add_argument("--num_layers", type=int, default=None,
+                   help="down-sampling levels (grid = size / 2^num_layers) → --arch ch_mult= of num_layers+1 levels")
     m = q.add_argument_group("VQGAN")
     m.add_argument("--image_column", default=None,
                    help="image column (default: --second_sequence, else imgbase64; 'image' for folders)")
@@ -91,6 +98,32 @@ def add_train_parser(sub) -> None:
     for name, (typ, default, helptext) in defaults.items():
         lo.add_argument(f"--{name}", type=typ, default=default, help=helptext)
     q.set_defaults(func=_cmd_train)
+
+
+def dalle_vae_overrides(ns, preset: dict, overrides: dict, size: int) -> dict:
+    """train_vae.py's --num_tokens / --emb_dim / --num_layers as VQGAN settings (an --arch of the same key wins
+    only if it agrees)."""
+    from ..errors import TuwenError
+
+    out = {}
+    for flag, key in (("num_tokens", "n_embed"), ("emb_dim", "embed_dim")):
+        v = getattr(ns, flag, None)
+        if v is not None:
+            if v < 1:
+                raise TuwenError(f"--{flag} {v}: must be ≥ 1")
+            out[key] = v
+    L = getattr(ns, "num_layers", None)
+    if L is not None:
+        if not 1 <= L <= 8 or size % (2 ** L):
+            raise TuwenError(f"--num_layers {L}: the image size {size} must divide by 2^{L} (1 to 8 levels)")
+        base = list(overrides.get("ch_mult") or preset["ch_mult"])
+        ch_mult = (base + [base[-1]] * L)[:L + 1]
+        out["ch_mult"] = ch_mult
+        out["attn_resolutions"] = [size // 2 ** L]
+    for k, v in out.items():
+        if k in overrides and overrides[k] != v:
+            raise TuwenError(f"--arch {k}={overrides[k]} disagrees with the train_vae.py flag that sets {k}={v}")
+    return out
 
 
 def _loss_flags() -> dict:
@@ -127,7 +160,14 @@ def _cmd_train(ns) -> int:
         if k not in hints or k == "model_type":
             raise TuwenError(f"--arch {k!r}: not a VQGAN setting; known: {', '.join(sorted(h for h in hints if h != 'model_type'))}")
         overrides[k] = coerce(v, hints[k], f"--arch {k}")
+    if ns.image_folder:
+        if ns.tables:
+            raise TuwenError("--tables and --image_folder both given; keep one")
+        ns.tables = ns.image_folder
+    if not ns.tables:
+        raise TuwenError("--tables (or --image_folder) is required: the training images")
     size = ns.size or overrides.get("resolution") or PRESETS[ns.preset]["resolution"]
+    overrides.update(dalle_vae_overrides(ns, PRESETS[ns.preset], overrides, size))
     loss = VQLossConfig(**{k: getattr(ns, k) for k in _loss_flags()})
     loss.validate()
     image_col = ns.image_column or ns.second_sequence or ("imgbase64" if ns.input_schema else "image")
@@ -161,6 +201,8 @@ def _table_args(q, text: bool, required: bool = False) -> None:
     q.add_argument("--skip_first_line", action="store_true", help="the tables have a header line")
     q.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
     q.add_argument("--num_workers", type=int, help="image-decoding worker processes (default: min(4, cores-1))")
+    from .common import add_reader_flags
+    add_reader_flags(q)
 
 
 def _dtype(args):
@@ -257,6 +299,12 @@ def cmd_encode(args) -> int:
         raise TuwenError(f"--out {out}: use a .npy or .tsv file name")
     if bool(args.images) == bool(args.tables):
         raise TuwenError("give image files or --tables (one of them)")
+    for f in args.images or ():  # before the model is loaded and before anything is written
+        fp = Path(f).expanduser()
+        if fp.is_dir():
+            raise TuwenError(f"{f}: is a folder; give image files, or the folder as --tables {f}")
+        if not fp.is_file():
+            raise TuwenError(f"{f}: no such image file")
     vq = _load(args)
     size = args.image_size or vq.config.resolution
     h, w = vq.grid_size(size)
@@ -269,11 +317,21 @@ def cmd_encode(args) -> int:
     batches = [range(s, min(s + args.batch_size, len(src))) for s in range(0, len(src), args.batch_size)]
     report = BadRowReport()
     ids, codes = [], []
+    from tqdm import tqdm
+
+    from ..runtime import progress_disable
+    bar = tqdm(total=len(src), desc="encode", unit="img", disable=progress_disable(None), file=sys.stderr)
     for batch, c in encode_batches(vq, src, batches, transform, size=size, num_workers=_workers(args) if args.tables else 0,
                                    dtype=_dtype(args), strict=args.strict, report=report):
         ids += batch["idx"]
         codes.append(c)
-    arr = np.concatenate(codes) if codes else np.zeros((0, h * w), np.int64)
+        bar.update(len(batch["idx"]) + len(batch["bad_rows"]))
+    bar.close()
+    if not codes:
+        if report.count:
+            print(report.summary(len(src)), file=sys.stderr)
+        raise TuwenError(f"no image could be encoded ({report.count} bad of {len(src)}); {out} not written")
+    arr = np.concatenate(codes)
     from ..hub import atomic_write, atomic_write_text
 
     if out.suffix == ".npy":
@@ -390,7 +448,9 @@ def cmd_tokenize(args) -> int:
 
     if args.shard_size < 1:
         raise TuwenError("--shard_size must be ≥ 1")
-    if not args.input_schema and not all(Path(t).is_dir() for t in args.tables.split(",") if t.strip()):
+    from ..data.formats import is_self_describing
+
+    if not args.input_schema and not all(is_self_describing(t) for t in args.tables.split(",") if t.strip()):
         raise TuwenError("--input_schema is required for TSV input (e.g. idx:str:1,text:str:1,imgbase64:str:1)")
     vq = _load(args)
     src = _source(args, args.first_sequence)

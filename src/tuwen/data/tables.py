@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import TuwenError
 from .images import IMAGE_EXTS, looks_like_base64_image  # noqa: F401  (IMAGE_EXTS re-exported)
+from .rows import _CHUNK, BadRow, RowSource, _index_lines  # noqa: F401  (re-exported: tuwen.data.tables.BadRow)
 
 TYPES = {"str": str, "int": int, "float": float}
 
@@ -74,18 +75,6 @@ def require_columns(cols: Sequence[Column], names: dict[str, str | None]) -> Non
 
 
 # ----------------------------------------------------------------------------------------------- bad rows
-
-@dataclasses.dataclass(frozen=True)
-class BadRow:
-    """A row that was skipped, with where it is and why."""
-
-    file: str
-    line: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.reason}"
-
 
 class BadRowError(TuwenError):
     """Raised under ``--strict`` at the first bad row."""
@@ -147,58 +136,6 @@ class BadRowReport:
 
 
 # ----------------------------------------------------------------------------------------------- sources
-
-class RowSource:
-    """Random access to rows: ``len(src)``, ``src.row(i) -> dict | BadRow``, ``src.location(i) -> (file, line)``."""
-
-    columns: list[str]
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def row(self, i: int) -> dict | BadRow:
-        raise NotImplementedError
-
-    def location(self, i: int) -> tuple[str, int]:
-        raise NotImplementedError
-
-    def bad(self, i: int, reason: str) -> BadRow:
-        f, line = self.location(i)
-        return BadRow(f, line, reason)
-
-
-_CHUNK = 1 << 24
-
-
-def _index_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Start offsets and 1-based line numbers of every non-blank line, by scanning for newlines in 16 MB chunks."""
-    offsets: list[np.ndarray] = []
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        pos = 0
-        while True:
-            buf = f.read(_CHUNK)
-            if not buf:
-                break
-            nl = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10)
-            offsets.append(nl.astype(np.int64) + pos)
-            pos += len(buf)
-    newlines = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
-    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
-    ends = np.concatenate([newlines, [size]]).astype(np.int64)
-    keep = starts < size
-    starts, ends = starts[keep], ends[keep]
-    lines = np.flatnonzero(keep).astype(np.int64) + 1
-    # blank lines ("" or "\r") are not rows
-    lengths = ends - starts
-    nonblank = lengths > 1
-    if np.any(lengths == 1):
-        with open(path, "rb") as f:
-            for j in np.flatnonzero(lengths == 1):
-                f.seek(starts[j])
-                nonblank[j] = f.read(1) not in (b"\r",)
-    return starts[nonblank], lines[nonblank]
-
 
 class Table(RowSource):
     """One or more EasyNLP TSV files as one sequence of rows, read lazily by byte offset."""
@@ -390,7 +327,8 @@ class ConcatSource(RowSource):
 def open_source(tables: str | Sequence[str], schema: str | Sequence[Column] | None, skip_first_line: bool = False,
                 idx_col: str = "idx", text_col: str = "text", image_col: str = "image",
                 flag: str = "--tables", require_text: bool = True) -> RowSource:
-    """TSV files and/or image folders (comma-separated) as one RowSource.
+    """TSV files, image folders, CSV/JSONL/WebDataset/Parquet (comma-separated; see ``tuwen.data.formats``) as
+    one RowSource.
 
     ``require_text=False``: image folders without ``.txt`` captions are read too (image-only work: VQ training,
     encoding); their rows have an empty text."""
@@ -401,17 +339,27 @@ def open_source(tables: str | Sequence[str], schema: str | Sequence[Column] | No
     sources: list[RowSource] = []
     pending: list[str] = []
 
+    from .formats import detect_format, open_table, reader_options
+
+    forced = reader_options().table_format
+
     def flush():
         if pending:
             if schema is None:
-                raise TuwenError("--input_schema is required for TSV input (e.g. idx:str:1,text:str:1,imgbase64:str:1)")
+                raise TuwenError("--input_schema is required for headerless EasyNLP TSV input (e.g. "
+                                 "idx:str:1,text:str:1,imgbase64:str:1); a CSV/TSV with a header line needs "
+                                 "--table_format csv (or a .csv name); .jsonl, .tar and .parquet are read as such")
             sources.append(Table(list(pending), schema, skip_first_line, flag=flag))
             pending.clear()
 
     for t in tables:
-        if Path(t).expanduser().is_dir():
+        fmt = detect_format(t, forced)
+        if fmt == "folder":
             flush()
             sources.append(ImageFolder(t, idx_col, text_col, image_col, require_text=require_text))
+        elif fmt != "tsv":  # CSV with a header, JSONL, WebDataset shards, Parquet (tuwen.data.formats)
+            flush()
+            sources.append(open_table(t, fmt, idx_col, text_col, image_col, flag=flag))
         else:
             pending.append(t)
     flush()

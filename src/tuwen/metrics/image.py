@@ -42,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.images import ImageDecodeError, decode_frames, open_image, resize_crop, to_rgb, to_uint8_batch
+from ..data.pngmeta import folder_prompts, image_files, png_prompt
 from ..data.tables import IMAGE_EXTS, BadRow, BadRowReport
 from ..errors import TuwenError
 from ..hub import atomic_write_text, load_state_dict_checked, load_torch_file
@@ -407,6 +408,7 @@ class ImageItem:
     image: Any            # PIL.Image
     text: str | None
     where: str            # file:line or file
+    key: str | None = None  # the item's id: TSV first column (idx) when it is not the image; folder: file stem
 
 
 def iter_image_set(path: str | Path, size: int | None = None, report=None, text_column: int | None = None,
@@ -427,7 +429,8 @@ def iter_image_set(path: str | Path, size: int | None = None, report=None, text_
         return resize_crop(img, size) if size else img
 
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+        files = image_files(p, IMAGE_EXTS)  # grids/ (tuwen generate, demo, predict) are not samples
+        generated = folder_prompts(p)  # prompts.json of a tuwen output folder
         if not files:
             raise TuwenError(f"{p}: no images found (looked for {', '.join(IMAGE_EXTS)})")
         for f in files:
@@ -441,7 +444,9 @@ def iter_image_set(path: str | Path, size: int | None = None, report=None, text_
             if txt.exists():
                 lines = [t.strip() for t in txt.read_text(encoding="utf-8", errors="replace").splitlines() if t.strip()]
                 text = lines[0] if lines else None
-            yield ImageItem(img, text, str(f))
+            if text is None:
+                text = generated.get(f.relative_to(p).as_posix()) or png_prompt(f)
+            yield ImageItem(img, text, str(f), f.stem)
             count += 1
             if limit and count >= limit:
                 return
@@ -478,7 +483,7 @@ def iter_image_set(path: str | Path, size: int | None = None, report=None, text_
                 except ImageDecodeError as e:
                     report.add(BadRow(str(p), lineno, f"image {k}: {e}" if len(frames) > 1 else str(e)))
                     continue
-                yield ImageItem(img, text, where)
+                yield ImageItem(img, text, where, fields[0] if ic != 0 else None)
                 count += 1
                 if limit and count >= limit:
                     return

@@ -13,8 +13,8 @@ Two prefixes, one GPT (``tuwen.models.gpt``), one sampler (``tuwen.sampling``):
   vocabulary is ``text + image + 1`` (EasyNLP), its head predicts text ids only.
 
 Text: WordPiece ids without [CLS]/[SEP], cut/padded to ``text_len``; the end token is **[PAD]** (EasyNLP), so a
-caption is its ids followed by [PAD]s. Training (``tuwen.training.tasks.captioning``): cross-entropy over all
-``text_len`` positions (EasyNLP's definition) plus ``caption_loss`` up to and including the first end token.
+caption is its ids followed by [PAD]s. Training (``tuwen.training.tasks.captioning``): cross-entropy up to and
+including the first end token (``loss_on_padding=true``: over all ``text_len`` positions, EasyNLP's definition).
 
 Model folders (``save_pretrained``): ``config.json`` (model_type ``captioner``; ``gpt``, ``vit`` and ``sampling``
 nested), ``model.safetensors`` (``vit.*`` + ``gpt.*``), ``vocab.txt`` + ``tokenizer_config.json``, ``vqgan/`` for

@@ -25,7 +25,12 @@ writes the new keys/values at positions ``p …`` and attends over every cached 
   cheapest on CPU);
 * ``start_pos`` a LongTensor ``[1]`` on the model's device (static path): fixed shapes, ``index_copy_`` write,
   attention over the whole ``max_len`` with a mask of valid positions, no host sync. This is the step that
-  ``tuwen.sampling`` captures in a CUDA graph.
+  ``tuwen.sampling`` captures in a CUDA graph;
+* ``start_pos`` a LongTensor ``[B, T]``: every token's position given explicitly (speculative decoding), same
+  masking (a query sees the keys at positions ≤ its own);
+* ``start_pos`` a LongTensor ``[B]`` (B > 1): **per-row positions** (continuous batching, ``tuwen.serve``): row
+  ``b`` writes at ``start_pos[b] …`` and attends over its own positions ``0 … start_pos[b] + t`` only; same
+  fixed shapes and masking as the static path, so rows at different points of their sequences share a step.
 """
 from __future__ import annotations
 
@@ -77,6 +82,12 @@ class GPTConfig(BaseConfig):
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0
     n_prefix_embd: int = 0
+    # CogView options (all off by default = minGPT/EasyNLP):
+    sandwich_ln: bool = False  # Sandwich-LN: x + LN(attn(LN(x))), x + LN(mlp(LN(x))) (ln3, ln4 in each block)
+    pb_relax: bool = False     # PB-relax LayerNorm: LN(x / (max|x| / 8)) per position (scale-invariant, fp16-safe)
+    gelu: str = "exact"        # "exact" (erf, taming) or "tanh" (OpenAI/Megatron approximation, CogView)
+    tie_head: bool = False     # head.weight is tok_emb.weight (needs n_out == vocab_size; CogView)
+    n_positions: int = 0       # rows of pos_emb when fewer than block_size (0 = block_size); see position_map()
 
     def __post_init__(self):
         self.validate()
@@ -94,6 +105,17 @@ class GPTConfig(BaseConfig):
             v = getattr(self, name)
             if not 0.0 <= float(v) < 1.0:
                 raise TuwenError(f"GPTConfig.{name} must be in [0, 1), got {v!r}")
+        if self.gelu not in ("exact", "tanh"):
+            raise TuwenError(f"GPTConfig.gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+        if self.tie_head and self.n_out != self.vocab_size:
+            raise TuwenError(f"GPTConfig.tie_head needs n_out == vocab_size, got {self.n_out} and {self.vocab_size}")
+        if not isinstance(self.n_positions, int) or self.n_positions < 0:
+            raise TuwenError(f"GPTConfig.n_positions must be an integer >= 0, got {self.n_positions!r}")
+
+    @property
+    def num_positions(self) -> int:
+        """Rows of the position embedding."""
+        return self.n_positions or self.block_size
 
     @property
     def head_dim(self) -> int:
@@ -151,6 +173,13 @@ class KVCache:
         self.k[:, :, :, :n] = self.k[:, :, :, :n].index_select(1, index)
         self.v[:, :, :, :n] = self.v[:, :, :, :n].index_select(1, index)
 
+    def narrow(self, batch_size: int, length: int) -> "KVCache":
+        """A view of rows ``0 … batch_size-1`` and positions ``0 … length-1`` (writes go to this cache)."""
+        new = KVCache.__new__(KVCache)
+        new.k = self.k[:, :batch_size, :, :length]
+        new.v = self.v[:, :batch_size, :, :length]
+        return new
+
     def repeat_interleave(self, repeats: int) -> "KVCache":
         """A new cache with each row repeated ``repeats`` times (prefill once, then expand to beams/samples)."""
         new = KVCache.__new__(KVCache)
@@ -181,7 +210,8 @@ class CausalSelfAttention(nn.Module):
         nh = self.n_head
         fused = self._fused_qkv  # read once: another thread may leave GPT.fused_qkv() meanwhile
         if fused is not None and not torch.is_grad_enabled():
-            q, k, v = F.linear(x, *fused).split(C, dim=-1)
+            qkv = F.linear(x, *fused) if isinstance(fused, tuple) else fused(x)  # tuple, or a quant.py layer
+            q, k, v = qkv.split(C, dim=-1)
         else:
             q, k, v = self.query(x), self.key(x), self.value(x)
         q = q.view(B, T, nh, C // nh).transpose(1, 2)  # [B, nh, T, hd]
@@ -204,6 +234,14 @@ class CausalSelfAttention(nn.Module):
             else:  # a chunk after cached positions: query t sees keys 0..start_pos+t
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        elif start_pos.numel() > 1:  # per-row positions [B]: row b writes at start_pos[b] … and sees only its own
+            k_cache, v_cache = kv
+            pos = start_pos if start_pos.dim() == 2 else start_pos.reshape(B, 1) + torch.arange(T, device=x.device)
+            where = pos[:, None, :, None].expand(B, nh, T, C // nh)
+            k_cache.scatter_(2, where, k.to(k_cache.dtype))
+            v_cache.scatter_(2, where, v.to(v_cache.dtype))
+            valid = torch.arange(k_cache.shape[2], device=x.device)[None, None, :] <= pos[:, :, None]  # [B, T, L]
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid[:, None], dropout_p=dropout_p)
         else:  # static cache (CUDA graph): fixed shapes, position as a device tensor
             k_cache, v_cache = kv
             pos = start_pos.reshape(-1)[:1] + torch.arange(T, device=x.device)  # [T]
@@ -216,21 +254,42 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y))
 
 
+class PBRelaxLayerNorm(nn.LayerNorm):
+    """PB-relax LayerNorm (CogView): ``LayerNorm(x / (max|x| / 8))``, the max taken per position (CogView's code
+    takes it over the whole tensor; LayerNorm is scale-invariant, so both equal LayerNorm(x) up to ``eps``). It
+    keeps the fp16 variance computation from overflowing on large activations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.detach().abs().amax(dim=-1, keepdim=True).div(8).clamp_min(1e-6)
+        return super().forward(x / scale)
+
+
+def _layer_norm(config: GPTConfig, C: int) -> nn.LayerNorm:
+    return PBRelaxLayerNorm(C) if config.pb_relax else nn.LayerNorm(C)
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         C = config.n_embd
-        self.ln1 = nn.LayerNorm(C)
-        self.ln2 = nn.LayerNorm(C)
+        self.ln1 = _layer_norm(config, C)
+        self.ln2 = _layer_norm(config, C)
+        if config.sandwich_ln:  # CogView's third_layernorm / fourth_layernorm
+            self.ln3 = _layer_norm(config, C)
+            self.ln4 = _layer_norm(config, C)
         self.attn = CausalSelfAttention(config)
         self.mlp = nn.Sequential(
             nn.Linear(C, 4 * C),
-            nn.GELU(),  # exact (erf) GELU, as taming/EasyNLP
+            nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none"),  # exact (erf) as taming/EasyNLP
             nn.Linear(4 * C, C),
             nn.Dropout(config.resid_pdrop),
         )
+        self.sandwich = config.sandwich_ln
 
     def forward(self, x: torch.Tensor, kv=None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        if self.sandwich:
+            x = x + self.ln3(self.attn(self.ln1(x), kv, start_pos))
+            return x + self.ln4(self.mlp(self.ln2(x)))
         x = x + self.attn(self.ln1(x), kv, start_pos)
         x = x + self.mlp(self.ln2(x))
         return x
@@ -247,16 +306,19 @@ class GPT(PretrainedModel):
         super().__init__(config)
         C = config.n_embd
         self.tok_emb = nn.Embedding(config.vocab_size, C)
-        self.pos_emb = nn.Parameter(torch.zeros(1, config.block_size, C))
+        self.pos_emb = nn.Parameter(torch.zeros(1, config.num_positions, C))
         if config.n_prefix_embd > 0:
             self.prefix_proj = nn.Linear(config.n_prefix_embd, C)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(C)
+        self.ln_f = _layer_norm(config, C)
         self.head = nn.Linear(C, config.n_out, bias=False)
         self._fuse_depth = 0
+        self._pos_map: torch.Tensor | None = None  # sequence position -> position id, see position_map()
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, mean=0.0, std=0.02)
+        if config.tie_head:
+            self.head.weight = self.tok_emb.weight
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -303,6 +365,10 @@ class GPT(PretrainedModel):
             with torch.no_grad():
                 for blk in self.blocks:
                     a = blk.attn
+                    if not isinstance(a.query, nn.Linear):  # low-precision layers (models/quant.py) fuse themselves
+                        cat = getattr(type(a.query), "cat", None)
+                        a._fused_qkv = cat([a.query, a.key, a.value]) if cat is not None else None
+                        continue
                     w = torch.cat([a.query.weight, a.key.weight, a.value.weight])
                     b = torch.cat([a.query.bias, a.key.bias, a.value.bias])
                     a._fused_qkv = (w.to(dtype or w.dtype), b.to(dtype or b.dtype))
@@ -314,6 +380,21 @@ class GPT(PretrainedModel):
             if self._fuse_depth == 0:
                 for blk in self.blocks:
                     blk.attn._fused_qkv = None
+
+    @contextlib.contextmanager
+    def position_map(self, pos_ids: torch.Tensor | None):
+        """Inside this context the token at sequence position ``t`` gets the position embedding ``pos_ids[t]``
+        (LongTensor [L], the same for every row) instead of ``t``: CogView's rule that position ids restart
+        after ``[ROI2]``. Works with the KV cache, the static/CUDA-graph path and per-row positions."""
+        if pos_ids is not None:
+            pos_ids = pos_ids.to(self.pos_emb.device, torch.long).reshape(-1)
+            if pos_ids.numel() and (int(pos_ids.min()) < 0 or int(pos_ids.max()) >= self.pos_emb.shape[1]):
+                raise TuwenError(f"position ids must be in 0..{self.pos_emb.shape[1] - 1}")
+        old, self._pos_map = self._pos_map, pos_ids
+        try:
+            yield self
+        finally:
+            self._pos_map = old
 
     # ------------------------------------------------------------------------------------------- forward
 
@@ -357,9 +438,17 @@ class GPT(PretrainedModel):
             if start_pos + T > self.config.block_size:
                 raise TuwenError(f"sequence of {start_pos + T} positions is longer than block_size "
                                  f"({self.config.block_size})")
-            pos = self.pos_emb[:, start_pos:start_pos + T]  # [1, T, C]
+            if self._pos_map is None:
+                pos = self.pos_emb[:, start_pos:start_pos + T]  # [1, T, C]
+            else:
+                pos = self.pos_emb[0, self._pos_map[start_pos:start_pos + T]]  # [T, C]
+        elif start_pos.numel() > 1:  # per-row positions [B] (checked by the caller)
+            # [B, T]; a 2-D start_pos gives every position explicitly (speculative decoding's scratch slots)
+            t = start_pos if start_pos.dim() == 2 else start_pos.reshape(-1, 1) + torch.arange(T, device=x.device)
+            pos = self.pos_emb[0, self._pos_map[t] if self._pos_map is not None else t]  # [B, T, C]
         else:  # static path: no host sync, positions checked by the caller
-            pos = self.pos_emb[0, start_pos.reshape(-1)[:1] + torch.arange(T, device=x.device)]  # [T, C]
+            t = start_pos.reshape(-1)[:1] + torch.arange(T, device=x.device)  # [T]
+            pos = self.pos_emb[0, self._pos_map[t] if self._pos_map is not None else t]  # [T, C]
         x = self.drop(x + pos)
 
         for i, block in enumerate(self.blocks):

@@ -30,6 +30,7 @@ from ..runtime import amp_dtype, progress_disable
 from ..sampling import SamplingParams, generate as sample_codes
 from ..text.tokenizer import TextTokenizer
 from .gpt import GPT, GPTConfig
+from .quant import check_weights_dtype, quantize_weights
 from .vqgan import VQGAN
 
 MODEL_TYPE = "text2image"
@@ -210,17 +211,20 @@ class TextToImage(PretrainedModel):
 
     @torch.inference_mode()
     def generate_codes(self, text_ids: torch.Tensor, seeds: Sequence[int] | torch.Tensor, *,
-                       use_cuda_graph: bool | str = "auto", **sampling_overrides) -> torch.Tensor:
+                       use_cuda_graph: bool | str = "auto", speculative: int | None = None,
+                       **sampling_overrides) -> torch.Tensor:
         """One image's codes per row of ``text_ids`` [B, text_len] with its own seed → LongTensor [B, img_len]."""
-        return self._sample(text_ids, seeds, self.sampling_params(**sampling_overrides), use_cuda_graph)
+        return self._sample(text_ids, seeds, self.sampling_params(**sampling_overrides), use_cuda_graph,
+                            speculative=speculative)
 
-    def _sample(self, text_ids: torch.Tensor, seeds, params: SamplingParams, use_cuda_graph) -> torch.Tensor:
+    def _sample(self, text_ids: torch.Tensor, seeds, params: SamplingParams, use_cuda_graph,
+                speculative: int | None = None) -> torch.Tensor:
         uncond = self.uncond_ids(1) if params.guidance_scale is not None else None
         return sample_codes(self.gpt, prefix_ids=text_ids.to(self.device), num_tokens=self.config.img_len,
                             seeds=torch.as_tensor(list(seeds) if not torch.is_tensor(seeds) else seeds),
                             top_k=params.top_k, top_p=params.top_p, temperature=params.temperature,
                             guidance_scale=params.guidance_scale, uncond_prefix_ids=uncond,
-                            use_cuda_graph=use_cuda_graph,
+                            use_cuda_graph=use_cuda_graph, speculative=speculative,
                             amp_dtype=amp_dtype(self.device, self.gpt.tok_emb.weight.dtype))
 
     @torch.inference_mode()
@@ -233,7 +237,7 @@ class TextToImage(PretrainedModel):
     def generate(self, prompts: str | Sequence[str] | None = None, *, text_ids: torch.Tensor | None = None,
                  num_images_per_prompt: int = 1, seed: int | Sequence[int] = 0, keys: Sequence[Any] | None = None,
                  return_codes: bool = False, batch_size: int | None = None, progress: bool | None = False,
-                 use_cuda_graph: bool | str = "auto", **sampling_overrides):
+                 use_cuda_graph: bool | str = "auto", speculative: int | None = None, **sampling_overrides):
         """Sample images for prompts (or pre-tokenized ``text_ids``).
 
         Image k of prompt i uses the seed ``image_seed(seed, keys[i] if keys else i, k)`` (or ``seed[i]`` when a
@@ -241,7 +245,8 @@ class TextToImage(PretrainedModel):
         ``sampling_overrides``: top_k, top_p, temperature, guidance_scale, replacing the model's defaults
         (``config.sampling``; None switches one off); ``top_k=1`` is greedy. Returns a list (one per prompt) of
         lists of PIL images, or with ``return_codes`` a LongTensor [num_prompts, num_images_per_prompt, img_len]
-        of codes (no decoding).
+        of codes (no decoding). ``speculative=k``: speculative Jacobi decoding with k guessed codes per step
+        (same distribution, different images for a seed; see ``tuwen.sampling.generate``).
         """
         params = self.sampling_params(**sampling_overrides)
         if text_ids is None:
@@ -260,7 +265,8 @@ class TextToImage(PretrainedModel):
         from tqdm import tqdm
         for s in tqdm(range(0, rows.shape[0], bs), desc="generating", unit="batch",
                       disable=progress_disable(progress), file=sys.stderr):
-            cb = self._sample(rows[s:s + bs], seeds[s:s + bs], params, use_cuda_graph)  # [b, img_len]
+            cb = self._sample(rows[s:s + bs], seeds[s:s + bs], params, use_cuda_graph,
+                              speculative=speculative)  # [b, img_len]
             if return_codes:
                 codes.append(cb)
             else:
@@ -313,7 +319,8 @@ class TextToImage(PretrainedModel):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, *,
-                        vqgan_config: Any = None, vqgan_path: str | None = None, **overrides) -> "TextToImage":
+                        vqgan_config: Any = None, vqgan_path: str | None = None, weights_dtype: str | None = None,
+                        **overrides) -> "TextToImage":
         """Load a tuwen text→image folder or an EasyNLP ARTIST / pai-painter folder.
 
         EasyNLP folders do not describe their VQGAN: it is read from the ``first_stage_model.*`` weights with the
@@ -321,7 +328,10 @@ class TextToImage(PretrainedModel):
         gives a separate VQGAN when the checkpoint has none. ``overrides``: sampling defaults (top_k, top_p,
         temperature, guidance_scale); config fields of a tuwen folder, or for an EasyNLP folder the sizes
         ``size``/``image_size``, ``text_len``, ``img_len`` and ``n_head``. None values are ignored.
+        ``weights_dtype``: "fp32" (None: as loaded), "bf16" or "int8" (weight-only) Linear layers in the GPT, for
+        faster decoding (``tuwen.models.quant``; inference only, do not train the result).
         """
+        weights_dtype = check_weights_dtype(weights_dtype)
         path = resolve_model_path(name_or_path, what="text2image model",
                                   expect="config.json + model.safetensors + vocab.txt + vqgan/ (tuwen), or "
                                          "config.json (model_type artist) + pytorch_model.bin + vocab.txt (EasyNLP)")
@@ -353,6 +363,8 @@ class TextToImage(PretrainedModel):
                              f"(expected {MODEL_TYPE!r} or EasyNLP's 'artist')")
         model.name_or_path = str(name_or_path)
         model.eval()
+        if weights_dtype is not None:
+            quantize_weights(model.gpt, weights_dtype)
         if device is not None:
             model.to(device)
         return model

@@ -203,3 +203,14 @@ class TextTokenizer:
 
     def count_unknown(self, text: str) -> int:
         return sum(1 for i in self.encode(text) if i == self.unk_id)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The pieces of ``text`` that become [UNK] (as written in ``text``, in order, repeats kept once):
+        what a model never sees of this prompt."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        out: list[str] = []
+        for i, (a, b) in zip(enc.ids, enc.offsets):
+            w = text[a:b]
+            if i == self.unk_id and w not in out:
+                out.append(w)
+        return out

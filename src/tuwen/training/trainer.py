@@ -62,6 +62,8 @@ class TrainArgs:
     logging_steps: int = 100
     save_checkpoint_steps: int | None = None  # default: once per epoch
     save_checkpoint_minutes: float | None = None  # also save a checkpoint when this much time passed since the last
+    save_checkpoint_epochs: int | None = None      # open_clip's --save-frequency: every N epochs (default 1)
+    warmup_steps: int | None = None                # open_clip's --warmup: steps (overrides warmup_proportion)
     save_all_checkpoints: bool = False
     keep_checkpoints: int = 2
     resume: str | None = None              # None | "auto" | path
@@ -341,7 +343,7 @@ class Trainer:
     def _loader(self, dataset, sampler, batch_size: int, epoch: int) -> DataLoader:
         nw = self.args.num_workers
         if nw is None:
-            nw = min(4, max(0, (os.cpu_count() or 1) - 1))
+            nw = D.default_workers(self.device)  # 0 on a small CPU machine: workers compete with the model
         if hasattr(dataset, "epoch"):
             dataset.epoch = epoch
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=nw,
@@ -406,7 +408,7 @@ class Trainer:
         batches_per_epoch = math.ceil(sampler.per_rank / a.micro_batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / a.gradient_accumulation_steps)
         total = a.max_steps or steps_per_epoch * a.epoch_num
-        warmup = int(a.warmup_proportion * total)
+        warmup = a.warmup_steps if a.warmup_steps is not None else int(a.warmup_proportion * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(a.lr_schedule, warmup, total))
         scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 
@@ -419,7 +421,7 @@ class Trainer:
         run = _Run(module=module, model=self._wrap(module), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                    sampler=sampler, train_ds=train_ds, val_ds=val_ds, batches_per_epoch=batches_per_epoch,
                    steps_per_epoch=steps_per_epoch, total=total, epochs=math.ceil(total / steps_per_epoch),
-                   save_every=a.save_checkpoint_steps or steps_per_epoch)
+                   save_every=a.save_checkpoint_steps or steps_per_epoch * (a.save_checkpoint_epochs or 1))
         if self.is_main:
             run.log_file = self._open_logs(run)
         from tqdm import tqdm
@@ -465,6 +467,9 @@ class Trainer:
             lock = DirLock(self.ckpt_dir, "--checkpoint_dir").acquire(warn=self.log)
             for p in clean_leftovers(self.ckpt_dir):
                 self.log(f"removed {p} (a temporary file of a run that died)")
+        threads = torch.get_num_threads()
+        workers = self.args.num_workers if self.args.num_workers is not None else D.default_workers(self.device)
+        D.configure_threads(self.device, workers)  # CPU: threads + workers ≤ cores − 1 unless OMP_NUM_THREADS is set
         try:
             with self._ctrl_c_saves():
                 run = self._setup()
@@ -475,6 +480,7 @@ class Trainer:
                     run.close()
                 self._finish(run)
         finally:
+            torch.set_num_threads(threads)
             if lock is not None:
                 lock.release()
         return {"step": self.step, "best": self.best, "history": self.history, "bad_rows": self.report.count}

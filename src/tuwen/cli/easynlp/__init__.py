@@ -12,6 +12,7 @@ import sys
 
 from ...errors import TuwenError
 from ..common import add_data_flags, add_predict_flags, add_train_flags
+from .course import add_course_flags, apply_course_flags
 
 # app name (EasyNLP --app_name, matched by prefix like EasyNLP does) -> task module
 APPS = {
@@ -28,7 +29,9 @@ IGNORED = ("worker_gpu", "worker_count", "master_port", "worker_hosts", "local_r
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from ..common import Parser
+
+    p = Parser(
         prog="tuwen --mode=...",
         description="EasyNLP-compatible entry point: train, predict or evaluate an app on EasyNLP TSV tables. "
                     "Launch on several GPUs with: torchrun --nproc_per_node=N -m tuwen --mode=train ...",
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(p)
     add_train_flags(p)
     add_predict_flags(p)
+    add_course_flags(p)
     ig = p.add_argument_group("accepted for EasyNLP compatibility, no effect in tuwen")
     for name in IGNORED:
         ig.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
@@ -60,9 +64,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
+        from ..common import suggest_flags
         flags = [u for u in unknown if u.startswith("-")] or unknown
-        raise TuwenError(f"unrecognized argument(s): {' '.join(flags)} (see: tuwen --mode=train --app_name=X --help)")
+        msg = f"unrecognized argument(s): {' '.join(flags)}"
+        raise TuwenError(f"{msg}{suggest_flags(parser, msg)} (see: tuwen --mode=train --app_name=X --help)")
     args.app, args.app_module = resolve_app(args.app_name)
+    if args.micro_batch_size is None:  # not given: the app's default (CLIP needs negatives in its batch)
+        from ..common import APP_MICRO_BATCH, DEFAULT_MICRO_BATCH
+        args.micro_batch_size = APP_MICRO_BATCH.get(args.app, DEFAULT_MICRO_BATCH)
+    apply_course_flags(args)
+    from ...data.formats import configure_from_args
+    configure_from_args(args)
     ignored = [n for n in IGNORED if getattr(args, n) is not None and n != "local_rank"]
     if ignored:
         print(f"note: ignoring EasyNLP flag(s) with no effect in tuwen: {', '.join('--' + n for n in ignored)}",
@@ -70,9 +82,27 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def app_help(argv: list[str]) -> str:
+    """The ``--user_defined_parameters`` keys of the app named in ``argv`` (types, defaults, meaning), or how
+    to see them."""
+    from ...config import describe_params
+
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--app_name=")), None)
+    if name is None and "--app_name" in argv and argv.index("--app_name") + 1 < len(argv):
+        name = argv[argv.index("--app_name") + 1]
+    if not name:
+        return f"add --app_name=APP --help to list an app's --user_defined_parameters keys (apps: {', '.join(APPS)})"
+    app, module = resolve_app(name)
+    mod = importlib.import_module(module)
+    spec = getattr(mod, "USER_PARAMS", None) or getattr(mod, "CLIP_PARAMS", None) or {}
+    return f"--user_defined_parameters keys of {app} (key (type, default): meaning):\n" + describe_params(spec)
+
+
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         build_parser().print_help()
+        print()
+        print(app_help(argv))
         return 0
     args = parse(argv)
     try:

@@ -168,18 +168,19 @@ def run_evaluate(args, udp: dict, video: bool, vq: bool) -> int:
             raise TuwenError(f"{flag}={col!r} is not a column of --input_schema ({', '.join(src.columns)})")
     # teacher-forced loss, as EasyNLP's evaluator
     ds = RowDataset(src, make_transform(model.config, model.tokenizer, src, image_col, text_col, udp, args.strict,
-                                        args.random_seed))
+                                        args.random_seed, first_reference=True))
     trainer = Trainer(TrainArgs(checkpoint_dir=args.checkpoint_dir, micro_batch_size=args.micro_batch_size,
                                 device=args.device, num_workers=args.num_workers, strict=args.strict,
                                 tensorboard=False), EvalTask())
-    module = CaptionTrainModule(model.config, model.gpt, model.vit, model.vqgan, model.end_id).to(trainer.device)
+    module = CaptionTrainModule(model.config, model.gpt, model.vit, model.vqgan, model.end_id,
+                                loss_on_padding=bool(udp["loss_on_padding"])).to(trainer.device)
     loss = trainer.evaluate(module, ds)
     report = BadRowReport(args.max_bad_listed)
     seed = udp["seed"] if udp["seed"] is not None else args.random_seed
     metrics = evaluate_captions(model, src, image_col, text_col, udp, batch_size=max(1, args.micro_batch_size),
                                 seed=seed, strict=args.strict, limit=udp["eval_num"], report=report)
     result = {"eval_loss": loss.get("loss"), "caption_loss": loss.get("caption_loss"),
-              "token_acc": loss.get("token_acc"), **metrics}
+              "loss_all_positions": loss.get("loss_all_positions"), "token_acc": loss.get("token_acc"), **metrics}
     bad = max(trainer.report.count, report.count)
     if bad:
         print((trainer.report if trainer.report.count >= report.count else report).summary(total=len(src)),

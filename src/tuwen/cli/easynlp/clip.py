@@ -87,13 +87,15 @@ def _log(msg: str) -> None:
 
 def _open(path: str, args, text_col: str | None, image_col: str | None):
     """One table or image folder; checks that the columns that will be read (not None) are in the schema."""
+    from ...data.formats import is_self_describing
+
     schema = args.input_schema
-    if schema is None and not Path(path).is_dir():
+    if schema is None and not is_self_describing(path):
         schema = "idx:str:1,text:str:1,imgbase64:str:1"
         _log(f"note: no --input_schema; assuming {schema}")
     src = open_source(path, schema, skip_first_line=args.skip_first_line, text_col=text_col or "text",
                       image_col=image_col or "imgbase64")
-    if schema is not None and not Path(path).is_dir():
+    if schema is not None and not is_self_describing(path):
         cols = parse_schema(schema)
         require_columns(cols, {"--first_sequence": text_col, "--second_sequence": image_col})  # None: not needed
     return src

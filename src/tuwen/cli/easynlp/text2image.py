@@ -5,13 +5,14 @@ The typed ``user_defined_parameters`` (``USER_PARAMS``) and the inference loadin
 """
 from __future__ import annotations
 
+import base64
 import json
 import sys
-from pathlib import Path
 
 from ...config import parse_user_defined_parameters
 from ...data import checker
-from ...data.images import encode_png_b64, load_image
+from ...data.images import load_image
+from ...data.pngmeta import png_bytes
 from ...data.synth import parse_caption
 from ...data.tables import BadRow, open_source
 from ...errors import TuwenError
@@ -22,7 +23,7 @@ from ...pipelines import text2image_sampling
 from ...rerank import load_scorer, rerank
 from ...training.tasks.text2image import T2ITask
 from ...training.trainer import Trainer, TrainArgs
-from ..common import train_args_from, write_images
+from ..common import ImageWriter, train_args_from
 from ..predict import parse_columns, run_predict as run_rows
 
 __all__ = ["USER_PARAMS", "parse_udp", "load_for_inference", "run_predict", "run_evaluate", "attribute_accuracy",
@@ -30,7 +31,10 @@ __all__ = ["USER_PARAMS", "parse_udp", "load_for_inference", "run_predict", "run
 
 
 def parse_udp(args) -> dict:
-    return parse_user_defined_parameters(args.user_defined_parameters, USER_PARAMS, "text2image_generation")
+    udp = parse_user_defined_parameters(args.user_defined_parameters, USER_PARAMS, "text2image_generation")
+    if getattr(args, "weights_dtype", None) is not None:  # --weights_dtype (the flag wins over the udp key)
+        udp["weights_dtype"] = args.weights_dtype
+    return udp
 
 
 def run_easynlp(args) -> int:
@@ -55,23 +59,26 @@ def run_predict(args, udp: dict) -> int:
         raise TuwenError("--checkpoint_dir is required for --mode=predict (the model folder)")
     if not args.tables:
         raise TuwenError("--tables is required for --mode=predict (the input TSV)")
-    model = load_for_inference(args.checkpoint_dir, udp, args.device)
     n = udp["max_generated_num"]
     if n < 1:
         raise TuwenError("max_generated_num must be ≥ 1")
-    gen = text2image_sampling(model, udp)
-    seed = udp["seed"] if udp["seed"] is not None else args.random_seed
+    keep = args.keep or n
+    if keep > n:
+        raise TuwenError(f"--keep {keep} is more than max_generated_num={n}")
     text_col = args.first_sequence or "text"
     schema = args.input_schema or "idx:str:1,text:str:1"
     src = open_source(args.tables.split(",")[0] if "," in args.tables else args.tables, schema,
                       args.skip_first_line, text_col=text_col)
     if text_col not in src.columns:
         raise TuwenError(f"--first_sequence={text_col!r} is not a column of --input_schema ({', '.join(src.columns)})")
-    scorer = load_scorer(args.rerank) if args.rerank else None
-    keep = args.keep or n
-    if keep > n:
-        raise TuwenError(f"--keep {keep} is more than max_generated_num={n}")
-    out_dir = Path(args.output_dir) if args.output_dir else None
+    scorer = load_scorer(args.rerank) if args.rerank else None  # flags and inputs are checked before the model
+    model = load_for_inference(args.checkpoint_dir, udp, args.device)
+    gen = text2image_sampling(model, udp)
+    seed = udp["seed"] if udp["seed"] is not None else args.random_seed
+    writer = ImageWriter(args.output_dir) if args.output_dir else None
+    if writer is not None:
+        writer.warn_if_not_empty("--output_dir")
+    warned: set[str] = set()
 
     def predict_batch(rows: list[dict], indices: list[int]) -> list:
         prompts, keys, results = [], [], [None] * len(rows)
@@ -80,6 +87,10 @@ def run_predict(args, udp: dict) -> int:
             if not t or not t.strip():
                 results[j] = ValueError(f"empty text in column {text_col!r}")
             else:
+                for w in model.prompt_warnings(t):
+                    if w not in warned and len(warned) < 20:  # the first 20 distinct ones
+                        warned.add(w)
+                        print(f"warning: {src.bad(indices[j], w)}", file=sys.stderr)
                 prompts.append(t)
                 keys.append((j, r.get("idx", indices[j])))
         if prompts:
@@ -87,21 +98,26 @@ def run_predict(args, udp: dict) -> int:
                                   batch_size=max(1, args.micro_batch_size) * n, **gen)
             for (j, key), prompt, group in zip(keys, prompts, imgs):
                 scores = None
+                records = model.records(prompt, seed, key, n, **gen)
                 if scorer is not None:
                     order, sc = rerank(scorer, prompt, group, keep)
                     group, scores = [group[i] for i in order], [sc[i] for i in order]
+                    records = [records[i] for i in order]
                 pred = {"idx": rows[j].get("idx", key), "text": prompt,
-                        "gen_imgbase64": [encode_png_b64(im) for im in group]}
+                        "gen_imgbase64": [base64.b64encode(png_bytes(im, r)).decode("ascii")
+                                          for im, r in zip(group, records)],
+                        "gen_info": records}
                 if scores is not None:
                     pred["scores"] = [round(float(s), 6) for s in scores]
-                if out_dir is not None:
-                    write_images(out_dir, key, group, scores)
+                if writer is not None:
+                    writer.write(key, group, scores, records, row=src.location(indices[j])[1])
                 results[j] = pred
         return results
 
     run_rows(src, predict_batch, args.outputs, parse_columns(args.output_schema),
              parse_columns(args.append_cols), batch_size=max(1, args.micro_batch_size),
-             strict=args.strict, max_listed=args.max_bad_listed, desc="text2image")
+             strict=args.strict, max_listed=args.max_bad_listed, desc="text2image",
+             progress=getattr(args, "progress", None))
     return 0
 
 
@@ -160,7 +176,8 @@ def attribute_accuracy(model: TextToImage, table: str, args, udp: dict) -> dict:
     if not prompts:
         raise TuwenError(f"--metric attributes: no prompt of {table} is a synthetic-set caption")
     seed = udp["seed"] if udp["seed"] is not None else args.random_seed
-    imgs = model.generate(prompts, seed=seed, keys=keys, **text2image_sampling(model, udp))
+    imgs = model.generate(prompts, seed=seed, keys=keys, progress=getattr(args, "progress", None),
+                          **text2image_sampling(model, udp))
     keep = ("color", "shape", "position", "object", "image")
     res = checker.score([g[0] for g in imgs], prompts)
     out = {"attributes": {k: res[k] for k in keep if k in res}, "attributes_prompts": len(prompts)}

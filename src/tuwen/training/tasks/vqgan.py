@@ -242,7 +242,8 @@ class VQGANTrainTask(Task):
                              f"{2 ** (len(self.vq_config.ch_mult) - 1)}")
 
     def _dataset(self, tables, random_crop):
-        src = open_source(tables, self.s.input_schema, self.s.skip_first_line, image_col=self.s.image_column)
+        src = open_source(tables, self.s.input_schema, self.s.skip_first_line, image_col=self.s.image_column,
+                          require_text=False)  # images only: folders need no captions
         if self.s.image_column not in src.columns:
             raise TuwenError(f"image column {self.s.image_column!r} is not in --input_schema "
                              f"({', '.join(src.columns)}); name it with --second_sequence / --image_column")

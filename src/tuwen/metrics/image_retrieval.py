@@ -1,0 +1,152 @@
+"""Self-retrieval of images: does a generated image (or a VQGAN reconstruction) find its own reference image
+among all the references? (``tuwen evaluate-images --generated G --reference R --retrieval``.)
+
+Every generated image is a query; every reference image a candidate. A query's correct candidates are the
+references with the same key: the ``idx`` (first TSV column; a folder image's file stem, ``{idx}_{k}`` also
+matching ``{idx}``) with ``match="idx"``, or the same prompt text with ``match="text"`` (then every reference of a
+repeated prompt counts). Reported per space: R@1, R@5, mean rank, and chance@1 (the R@1 a random ranking has in
+expectation: the mean over queries of correct candidates / candidates).
+
+Two feature spaces that need no trained network (so anyone can rebuild the numbers offline):
+
+* ``pixel``: the image resized (bilinear, antialiased) to ``size``×``size`` RGB in [0, 1]; similarity = minus
+  the squared L2 distance.
+* ``random_features``: a fixed random 3-layer CNN (seed 0, Kaiming-normal weights, 4×4 stride-2 convolutions
+  3→32→64→128 with ReLU on a 64×64 input in [-1, 1], average-pooled to 4×4 → 2048-d), centred by the mean of the
+  reference features and L2-normalised; similarity = cosine. Random conv features keep local colour/edge layout
+  and forgive small shifts better than raw pixels.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.tables import BadRowReport
+from ..errors import TuwenError
+from .image import iter_image_set
+from .retrieval import retrieval_ranks
+
+RANDOM_NET_INPUT = 64
+
+
+def random_feature_net(seed: int = 0) -> nn.Module:
+    """The fixed random CNN of the ``random_features`` space (same weights on every machine: CPU generator)."""
+    g = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for cin, cout in ((3, 32), (32, 64), (64, 128)):
+        conv = nn.Conv2d(cin, cout, 4, stride=2, padding=1)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (2.0 / (cin * 16)) ** 0.5)
+            conv.bias.zero_()
+        layers += [conv, nn.ReLU()]
+    layers.append(nn.AdaptiveAvgPool2d(4))
+    return nn.Sequential(*layers, nn.Flatten()).eval()
+
+
+def _to_float(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
+    """uint8 HWC arrays → float [N, 3, size, size] in [0, 1]."""
+    out = []
+    for a in images:
+        x = torch.from_numpy(np.array(a, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x)
+    return torch.cat(out) if out else torch.zeros(0, 3, size, size)
+
+
+def pixel_features(images: Sequence[np.ndarray], size: int = 32) -> torch.Tensor:
+    return _to_float(images, size).flatten(1).double()                       # [N, 3·size²]
+
+
+@torch.no_grad()
+def random_features(images: Sequence[np.ndarray], net: nn.Module | None = None, batch_size: int = 256
+                    ) -> torch.Tensor:
+    net = net or random_feature_net()
+    feats = []
+    for i in range(0, len(images), batch_size):
+        x = _to_float(images[i:i + batch_size], RANDOM_NET_INPUT) * 2 - 1
+        feats.append(net(x).double())
+    return torch.cat(feats) if feats else torch.zeros(0, 2048, dtype=torch.float64)
+
+
+def _neg_sq_dist(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return -(q.pow(2).sum(1, keepdim=True) - 2 * q @ c.T + c.pow(2).sum(1)[None])
+
+
+def _cosine_centred(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    mu = c.mean(0, keepdim=True)
+    return F.normalize(q - mu, dim=1) @ F.normalize(c - mu, dim=1).T
+
+
+def _read(path, match: str, report: BadRowReport, max_images: int | None, **set_kw):
+    keys, images = [], []
+    for it in iter_image_set(path, None, report, limit=max_images, **set_kw):
+        if match == "text":
+            key = (it.text or "").strip() or None
+        else:
+            key = it.key
+        if key is None:
+            raise TuwenError(f"--retrieval: {it.where} has no {'prompt text' if match == 'text' else 'idx'} to "
+                             f"match on ({'a TSV text column or name.txt' if match == 'text' else 'TSV idx column'}"
+                             f"{'' if match == 'text' else ' or file name'}); try --match "
+                             f"{'idx' if match == 'text' else 'text'}")
+        if Path(str(it.where)).stem.endswith("_grid") and ":" not in str(it.where):
+            continue  # predict --output_dir's {idx}_grid.png
+        keys.append(key)
+        images.append(np.asarray(it.image.convert("RGB")))
+    return keys, images
+
+
+def rank_summary(ranks: np.ndarray, n_correct: np.ndarray, n_candidates: int) -> dict:
+    return {"R@1": float(np.mean(ranks <= 1)), "R@5": float(np.mean(ranks <= 5)),
+            "mean_rank": float(ranks.mean()), "chance@1": float(np.mean(n_correct / n_candidates))}
+
+
+def retrieval_eval(generated, reference, match: str = "idx", size: int = 32, max_images: int | None = None,
+                   max_bad_listed: int = 20, **set_kw) -> dict:
+    """Self-retrieval of ``generated`` images among ``reference`` images (folders or TSVs): see the module doc."""
+    if match not in ("idx", "text"):
+        raise TuwenError(f"--match {match!r}: use idx or text")
+    rep_g, rep_r = BadRowReport(max_bad_listed), BadRowReport(max_bad_listed)
+    rkeys, rimgs = _read(reference, match, rep_r, None, **set_kw)
+    gkeys, gimgs = _read(generated, match, rep_g, max_images, **set_kw)
+    known = set(rkeys)
+    # predict --output_dir names images {idx}_{k}.png: such a stem also matches the reference idx
+    if match == "idx":
+        gkeys = [k if k in known else re.sub(r"_\d+$", "", k) for k in gkeys]
+    matched = [i for i, k in enumerate(gkeys) if k in known]
+    if not rimgs or not matched:
+        raise TuwenError(f"--retrieval: no generated image has a reference with the same {match} "
+                         f"({len(gimgs)} generated, {len(rimgs)} references); check --match and the files")
+    qkeys = [gkeys[i] for i in matched]
+    qimgs = [gimgs[i] for i in matched]
+    counts: dict[str, int] = {}
+    for k in rkeys:
+        counts[k] = counts.get(k, 0) + 1
+    n_correct = np.array([counts[k] for k in qkeys], dtype=np.float64)
+    out = {"match": match, "n_queries": len(qkeys), "n_candidates": len(rkeys),
+           "unmatched": len(gkeys) - len(matched), "bad_generated": rep_g.count, "bad_reference": rep_r.count,
+           "generated": str(generated), "reference": str(reference)}
+    ranks = retrieval_ranks(_neg_sq_dist(pixel_features(qimgs, size), pixel_features(rimgs, size)), qkeys, rkeys)
+    out["pixel"] = {**rank_summary(ranks, n_correct, len(rkeys)), "space": f"RGB {size}×{size}, -L2²"}
+    net = random_feature_net()
+    ranks = retrieval_ranks(_cosine_centred(random_features(qimgs, net), random_features(rimgs, net)), qkeys, rkeys)
+    out["random_features"] = {**rank_summary(ranks, n_correct, len(rkeys)),
+                              "space": "fixed random CNN (seed 0), 2048-d, centred cosine"}
+    return out
+
+
+def format_retrieval(res: dict) -> str:
+    lines = [f"self-retrieval ({res['match']}): {res['n_queries']} generated images among {res['n_candidates']} "
+             f"references" + (f" ({res['unmatched']} without a reference left out)" if res["unmatched"] else "")]
+    for space in ("pixel", "random_features"):
+        r = res[space]
+        lines.append(f"  {space:<15} R@1 {100 * r['R@1']:.1f} %  R@5 {100 * r['R@5']:.1f} %  mean rank "
+                     f"{r['mean_rank']:.1f}  (chance@1 {100 * r['chance@1']:.2f} %; {r['space']})")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""Low-precision weights for decoding: bf16 and int8 weight-only ``nn.Linear`` replacements.
+
+At batch 1 a decode step of a base-size GPT reads every weight once (390 MB in fp32), so on CPU its time is the
+memory bandwidth divided into the bytes read. Storing the Linear weights in bf16 halves them, int8 with one
+scale per output channel quarters them. Activations, LayerNorms, the residual stream, embeddings, attention and
+the KV cache stay in the model's dtype; only the matrix products read low-precision weights::
+
+    quantize_weights(gpt, "int8")   # in place; returns gpt. "fp32" restores nothing: load the model again
+
+* ``"bf16"`` — :class:`Bf16Linear`: weight [N, K] bf16, ``F.linear(x.bf16(), w, b)`` → x's dtype.
+* ``"int8"`` — :class:`Int8Linear`: weight [N, K] int8 + scales [N] (symmetric, per output channel:
+  ``w ≈ q * scale``, ``scale = max|w_row| / 127``). The product runs as ``torch._weight_int8pack_mm`` (bf16
+  activations, the int8 weights are read as they are) where this torch build and CPU have it; elsewhere (other
+  devices, older torch, a kernel that refuses) it falls back to dequantising to the activation dtype
+  (``F.linear(x, q * scale)``), which is correct but saves no time. The choice is made once per layer, on the
+  first call, by trying the kernel against the fallback.
+
+Both are inference-only (no gradients) and keep the GPT's state-dict names for ``weight`` and ``bias``
+(``weight`` holds the low-precision tensor; ``Int8Linear`` adds ``scales``), so ``model.fused_qkv()`` and the
+samplers work unchanged. Measured choice of the CPU default: see README "Speed".
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import TuwenError
+
+__all__ = ["WEIGHTS_DTYPES", "CPU_DEFAULT", "Bf16Linear", "Int8Linear", "quantize_weights", "weights_dtype_of",
+           "check_weights_dtype", "resolve_weights_dtype"]
+
+#: the values ``--weights_dtype`` / ``weights_dtype=`` accept
+WEIGHTS_DTYPES = ("fp32", "bf16", "int8")
+
+
+#: ``"auto"`` on CPU: measured fastest with the quality guard met (README "Speed": int8 weight-only decodes a
+#: base-size step in 10.6 ms against 28.2 ms fp32 on one core). On CUDA "auto" keeps the weights as loaded
+#: (bf16 autocast, CUDA graph).
+CPU_DEFAULT = "int8"
+
+
+def resolve_weights_dtype(name: str | None, device: torch.device | str, flag: str = "weights_dtype") -> str | None:
+    """``"auto"``/None → the default for ``device`` (CPU_DEFAULT on CPU, None = as loaded elsewhere); other values
+    are checked with :func:`check_weights_dtype`."""
+    if name is None or str(name).strip().lower() == "auto":
+        return CPU_DEFAULT if torch.device(device).type == "cpu" else None
+    return check_weights_dtype(name, flag)
+
+
+def check_weights_dtype(name: str | None, flag: str = "weights_dtype") -> str | None:
+    """``name`` lower-cased if it is one of WEIGHTS_DTYPES (None passes), else a TuwenError naming ``flag``."""
+    if name is None:
+        return None
+    n = str(name).strip().lower()
+    if n not in WEIGHTS_DTYPES:
+        raise TuwenError(f"{flag} {name!r}: expected one of {', '.join(WEIGHTS_DTYPES)}")
+    return n
+
+
+class Bf16Linear(nn.Module):
+    """``nn.Linear`` with its weight (and bias) stored in bf16; input and output keep their dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())  # [N, K]
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))  # [N]
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "Bf16Linear":
+        return cls(lin.weight, lin.bias)
+
+    @classmethod
+    def cat(cls, layers: list["Bf16Linear"]) -> "Bf16Linear":
+        """One layer computing the outputs of ``layers`` side by side (fused q/k/v)."""
+        bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
+        return cls(torch.cat([m.weight for m in layers]), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
+
+
+_KERNEL_OK: dict[tuple[str, torch.dtype], bool] = {}  # (device type, activation dtype) -> int8pack_mm usable
+
+
+def _int8pack_ok(x2: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether ``torch._weight_int8pack_mm`` runs here and agrees with the dequantised product."""
+    fn = getattr(torch, "_weight_int8pack_mm", None)
+    if fn is None:
+        return False
+    try:
+        y = fn(x2.to(torch.bfloat16), w, scales.to(torch.bfloat16)).float()
+    except (RuntimeError, NotImplementedError):
+        return False
+    tol = 3e-2 * float(ref.abs().max()) + 1e-3  # bf16 activations: ~3 significant digits
+    return bool(torch.isfinite(y).all()) and float((y - ref.float()).abs().max()) <= tol
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with int8 weights and one fp32 scale per output channel (weight-only quantisation)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        w = weight.detach().float()  # [N, K]
+        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # [N]
+        q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.register_buffer("weight", q.contiguous())  # [N, K] int8
+        self.register_buffer("scales", scales)  # [N] fp32
+        self.register_buffer("bias", None if bias is None else bias.detach().float())  # [N]
+        self._kernel: bool | None = None  # None: not decided yet; True: int8pack_mm; False: dequantise
+        self._scales_bf16: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
+        return cls(lin.weight, lin.bias)
+
+    @classmethod
+    def cat(cls, layers: list["Int8Linear"]) -> "Int8Linear":
+        """One layer computing the outputs of ``layers`` side by side (fused q/k/v); same quantised values."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features = layers[0].in_features
+        new.out_features = sum(m.out_features for m in layers)
+        new.register_buffer("weight", torch.cat([m.weight for m in layers]))
+        new.register_buffer("scales", torch.cat([m.scales for m in layers]))
+        new.register_buffer("bias", None if layers[0].bias is None else torch.cat([m.bias for m in layers]))
+        new._kernel, new._scales_bf16 = None, None
+        return new
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the layer computes with, [N, K] in ``dtype``."""
+        return (self.weight.float() * self.scales[:, None]).to(dtype)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) etc.: the kernel choice is per device
+        self._kernel, self._scales_bf16 = None, None
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [M, K]
+        if self._kernel is None:
+            key = (x.device.type, x.dtype)
+            if key not in _KERNEL_OK:  # decided once per process, device type and activation dtype
+                ref = F.linear(x2, self.dequantized(x.dtype))
+                _KERNEL_OK[key] = x.device.type == "cpu" and _int8pack_ok(x2, self.weight, self.scales, ref)
+            self._kernel = _KERNEL_OK[key]
+        if self._kernel:
+            if self._scales_bf16 is None:
+                self._scales_bf16 = self.scales.to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self._scales_bf16).to(x.dtype)
+        else:
+            y = F.linear(x2, self.dequantized(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+LOW_PRECISION_LINEARS = (Bf16Linear, Int8Linear)
+
+
+def _replace_linears(module: nn.Module, make) -> int:
+    n = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            setattr(module, name, make(child))
+            n += 1
+        else:
+            n += _replace_linears(child, make)
+    return n
+
+
+@torch.no_grad()
+def quantize_weights(model: nn.Module, weights_dtype: str = "fp32") -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (a GPT: attention, MLP, head, prefix projection) in place by a
+    bf16 or int8 weight-only layer; ``"fp32"`` leaves the model as it is. Returns ``model``.
+
+    For inference: the replaced layers have no trainable parameters. Embeddings, LayerNorms, positions and the KV
+    cache are untouched. A model whose Linears are already replaced is an error (quantise once, from fp32).
+    """
+    wd = check_weights_dtype(weights_dtype)
+    if wd == "fp32":
+        return model
+    if any(isinstance(m, LOW_PRECISION_LINEARS) for m in model.modules()):
+        raise TuwenError(f"quantize_weights({wd!r}): the model's weights are already low-precision "
+                         f"({weights_dtype_of(model)}); load it again to change")
+    make = Bf16Linear.from_linear if wd == "bf16" else Int8Linear.from_linear
+    if _replace_linears(model, make) == 0:
+        raise TuwenError(f"quantize_weights({wd!r}): the model has no nn.Linear layers")
+    model.requires_grad_(False)
+    return model
+
+
+def weights_dtype_of(model: nn.Module) -> str:
+    """"int8", "bf16" or the dtype name of the first parameter ("fp32", …)."""
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            return "int8"
+        if isinstance(m, Bf16Linear):
+            return "bf16"
+    p = next(model.parameters(), None)
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        p.dtype if p is not None else torch.float32, str(p.dtype))
