@@ -19,19 +19,17 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from ..data.tables import BadRow, BadRowError, BadRowReport, collate_skip_bad
+from ..data.tables import BadRow, BadRowError, BadRowReport
 from ..errors import TuwenError
 from ..fileio import DirLock, atomic_write
 from ..hub import atomic_write_text
@@ -39,162 +37,12 @@ from .. import runtime as D
 from .checkpoint import (CKPT_DIR, FORMAT, clean_leftovers, latest_valid_checkpoint, list_checkpoints,  # noqa: F401
                          read_checkpoint, write_checkpoint)
 
+from .order import EpochSampler, _lr_lambda, _rng_state, _set_rng_state, _shard_indices, seed_everything  # noqa: F401,E501
+from .task import Task, TrainArgs  # noqa: F401  (re-exported: tuwen.training.trainer.Task)
+
 LOG_NAME = "train_log.jsonl"
 SAMPLES_DIR = "samples"
 
-
-@dataclasses.dataclass
-class TrainArgs:
-    """Trainer settings; EasyNLP's flag names where they exist."""
-
-    checkpoint_dir: str
-    learning_rate: float = 5e-5
-    weight_decay: float = 1e-4
-    epoch_num: int = 3
-    max_steps: int | None = None           # stop after this many optimizer steps (overrides epoch_num)
-    micro_batch_size: int = 2
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0             # <= 0 disables clipping
-    warmup_proportion: float = 0.1
-    lr_schedule: str = "linear"            # linear | cosine | constant (after warmup)
-    optimizer_type: str = "AdamW"          # AdamW | Adam
-    random_seed: int = 1234
-    logging_steps: int = 100
-    save_checkpoint_steps: int | None = None  # default: once per epoch
-    save_checkpoint_minutes: float | None = None  # also save a checkpoint when this much time passed since the last
-    save_checkpoint_epochs: int | None = None      # open_clip's --save-frequency: every N epochs (default 1)
-    warmup_steps: int | None = None                # open_clip's --warmup: steps (overrides warmup_proportion)
-    save_all_checkpoints: bool = False
-    keep_checkpoints: int = 2
-    resume: str | None = None              # None | "auto" | path
-    precision: str = "auto"                # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    device: str = "auto"
-    num_workers: int | None = None         # DataLoader workers (EasyNLP --data_threads); None = auto
-    strict: bool = False
-    do_eval: bool = True
-    tensorboard: bool | None = None        # None: on when tensorboard is installed
-    max_bad_listed: int = 20
-    compile: bool = False
-    progress: bool | None = None           # None: tqdm only on a terminal
-
-    def validate(self) -> None:
-        checks = [
-            (self.micro_batch_size >= 1, "--micro_batch_size must be ≥ 1"),
-            (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be ≥ 1"),
-            (self.epoch_num >= 1 or self.max_steps, "--epoch_num must be ≥ 1"),
-            (self.learning_rate > 0, "--learning_rate must be > 0"),
-            (0 <= self.warmup_proportion < 1, "--warmup_proportion must be in [0, 1)"),
-            (self.logging_steps >= 1, "--logging_steps must be ≥ 1"),
-            (self.save_checkpoint_steps is None or self.save_checkpoint_steps >= 1,
-             "--save_checkpoint_steps must be ≥ 1"),
-            (self.save_checkpoint_minutes is None or self.save_checkpoint_minutes > 0,
-             "--save_checkpoint_minutes must be > 0"),
-            (self.lr_schedule in ("linear", "cosine", "constant"), "--lr_schedule must be linear, cosine or constant"),
-            (self.optimizer_type.lower() in ("adamw", "adam"), f"--optimizer_type {self.optimizer_type!r}: "
-                                                                "tuwen supports AdamW and Adam"),
-            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise TuwenError(msg)
-
-
-class Task:
-    """What the trainer needs from a task. Subclasses override the methods marked as required."""
-
-    name = "task"
-    betas: tuple[float, float] = (0.9, 0.999)
-    best_metric = "loss"
-    best_mode = "min"
-
-    def build_module(self) -> nn.Module:  # required: forward(batch, step=int) -> {"loss": scalar, ...}
-        raise NotImplementedError
-
-    def train_dataset(self):  # required: map-style; items are dicts or BadRow
-        raise NotImplementedError
-
-    def val_dataset(self):
-        return None
-
-    def collate(self, samples: list) -> dict:
-        return collate_skip_bad(samples)
-
-    def param_groups(self, module: nn.Module, weight_decay: float) -> list[dict]:
-        """Default split: weight decay on ≥2-D weights only (not biases, norms, embeddings, position tables)."""
-        decay, no_decay = [], []
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            parts = name.split(".")
-            leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
-            if p.dim() < 2 or "emb" in leaf or "emb" in parent or "norm" in parent or parent.startswith("ln"):
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        groups = [{"params": decay, "weight_decay": weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
-
-    def eval_step(self, module: nn.Module, batch: dict) -> dict[str, tuple[float, int]]:
-        """Sums and counts of metrics for one validation batch (averaged over all batches and ranks)."""
-        out = module(batch, step=0)
-        n = int(batch["size"])
-        return {k: (float(v) * n, n) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
-
-    def after_step(self, module: nn.Module, step: int) -> None:
-        """Called after every optimizer step (e.g. clamp CLIP's temperature, restart dead VQ codes)."""
-
-    def save_model(self, module: nn.Module, out_dir: Path) -> None:  # required
-        raise NotImplementedError
-
-    def sample_images(self, module: nn.Module, batch: dict):
-        """Optional: PIL images written to ``samples/step-N.png`` (and TensorBoard) at evaluation time."""
-        return None
-
-    def describe(self) -> dict:
-        return {"task": self.name}
-
-
-# ------------------------------------------------------------------------------------------------- sampling
-
-class EpochSampler(Sampler[int]):
-    """Shuffled (or ordered) indices, sharded over ranks like ``DistributedSampler``, resumable mid-epoch.
-
-    The permutation of epoch e depends only on (seed, e); ``set_epoch(e, start)`` skips the first ``start``
-    indices of this rank's shard (used when resuming in the middle of an epoch).
-    """
-
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
-        self.epoch, self.start = 0, 0
-        self.per_rank = math.ceil(n / world)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def shard(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            idx = torch.randperm(self.n, generator=g).tolist()
-        else:
-            idx = list(range(self.n))
-        total = self.per_rank * self.world
-        idx = (idx * math.ceil(total / max(len(idx), 1)))[:total] if idx else []  # pad by wrapping, like DDP's sampler
-        return idx[self.rank:total:self.world]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.shard()[self.start:])
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
-
-
-def _shard_indices(n: int) -> list[int]:
-    return list(range(D.rank(), n, D.world_size()))
-
-
-# ------------------------------------------------------------------------------------------------- helpers
 
 def unwrap(module: nn.Module) -> nn.Module:
     module = getattr(module, "_orig_mod", module)  # torch.compile
@@ -204,44 +52,6 @@ def unwrap(module: nn.Module) -> nn.Module:
 def _to_device(batch: dict, device: torch.device) -> dict:
     nb = device.type == "cuda"
     return {k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def _rng_state() -> dict:
-    st = np.random.get_state()
-    out = {"python": random.getstate(), "numpy": [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])],
-           "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    n = st["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        with contextlib.suppress(Exception):
-            torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant" or total <= warmup:
-            return 1.0
-        frac = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * frac))
-        return max(0.0, 1.0 - frac)
-    return f
 
 
 def find_latest_checkpoint(path: str | Path) -> Path | None:
