@@ -30,13 +30,13 @@ def run(a) -> int:
     from pathlib import Path
 
     from ..errors import TuwenError
-    from ..hub import resolve_model_path
+    from ..hub import read_model_type, resolve_model_path
 
     src = resolve_model_path(a.src, what="convert: SRC")
-    mt = None
-    if src.is_dir() and (src / "config.json").exists():
+    mt = read_model_type(src) if src.is_dir() else None
+    if src.is_dir() and (src / "config.json").exists() and mt is None:
         try:
-            mt = json.loads((src / "config.json").read_text(encoding="utf-8")).get("model_type")
+            json.loads((src / "config.json").read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise TuwenError(f"{src / 'config.json'}: not valid JSON ({e})") from None
     from ..convert.cogview import is_checkpoint_folder
