@@ -77,6 +77,7 @@ class _EvilCLIP(torch.nn.Module):
 
 
 def save_archive(module: torch.nn.Module, path: Path, trace_input=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     sm = torch.jit.trace(module, trace_input) if trace_input is not None else torch.jit.script(module)
     sm.save(str(path))
     return path
@@ -165,3 +166,56 @@ def test_no_unsafe_loaders_in_the_source():
                 if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
                     bad.append(f"{where}: torch.load without weights_only=True")
     assert not bad, "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------------------------- every path
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    from tuwen.cli import main
+
+    d = tmp_path_factory.mktemp("synth")
+    assert main(["data", "synth", "--out", str(d), "--size", "32", "--n", "40", "--workers", "0"]) == 0
+    from tuwen.text import TextTokenizer
+    TextTokenizer.train(["红色的圆形", "蓝色的正方形"], vocab_size=100).save_pretrained(d / "vocab")
+    return d
+
+
+def _evil_clip_archive(path: Path, target: Path) -> Path:
+    return save_archive(_EvilCLIP(torch.nn.Linear(2, 2), str(target)), path)
+
+
+SCHEMA = "--input_schema=idx:str:1,text:str:1,imgbase64:str:1"
+
+
+@pytest.mark.parametrize("app,udp_key", [
+    ("image2text_generation", "vit_ckpt_path"),   # a path
+    ("image2text_generation", "name"),            # EasyNLP's vit_ckpt_path=ViT-L/14 under $TUWEN_HOME/models
+    ("clip", "vit_ckpt_path"),
+    ("clip", "bert_ckpt_path"),
+    ("clip", "cnclip_ckpt_path"),
+])
+def test_malicious_archive_through_every_command_path(tables, tmp_path, monkeypatch, capsys, app, udp_key):
+    from tuwen.cli import main
+
+    target = tmp_path / "PWNED"
+    home = tmp_path / "home"
+    if udp_key == "name":
+        _evil_clip_archive(home / "models" / "ViT-L-14.pt", target)
+        monkeypatch.setenv("TUWEN_HOME", str(home))
+        udp = "vit_ckpt_path=ViT-L/14"
+    else:
+        evil = _evil_clip_archive(tmp_path / "evil.pt", target)
+        udp = f"{udp_key}={evil}"
+    if app == "clip" and udp_key != "vit_ckpt_path":
+        udp += f" vocab={tables / 'vocab' / 'vocab.txt'}"
+    seqs = (["--first_sequence=imgbase64", "--second_sequence=text"] if app != "clip" else
+            ["--first_sequence=text", "--second_sequence=imgbase64"])
+    rc = main(["--mode=train", f"--app_name={app}", f"--tables={tables / 'train.tsv'},{tables / 'val.tsv'}",
+               SCHEMA, *seqs, f"--checkpoint_dir={tmp_path / 'ck'}", "--max_steps=1", "--data_threads=0",
+               "--no_progress", f"--user_defined_parameters={udp} img_size=32"
+               if app != "clip" else f"--user_defined_parameters={udp}"])
+    err = capsys.readouterr().err
+    assert not target.exists(), "the archive's code ran"
+    assert rc == 2 and "Traceback" not in err, err
+    assert "visual.weight" in err or "the visual.* tensors" in err, err   # the archive was read, and refused

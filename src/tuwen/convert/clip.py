@@ -9,13 +9,16 @@ Layouts that load (checked key for key and shape for shape; anything else is a T
   (``torch.save(model.state_dict())``, read with ``weights_only=True``). Only the image tower is used: the
   ``visual.*`` tensors → ``VisionTransformer`` (``load_openai_vit``). fp16 tensors become fp32. The architecture is
   read from the shapes (width, patch, grid, layers, output_dim; heads = width // 64 as in OpenAI's ``build_model``,
-  16 for width 1280). OpenAI's text tower (BPE, English) is not used. ResNet image towers (``RN50`` …) do not load.
+  16 for width 1280). OpenAI's text tower (BPE, English) is not used. ResNet image towers (``RN50.pt``,
+  ``RN101.pt``, ``RN50x4.pt`` …) load into ``ModifiedResNet`` (``load_openai_resnet``; layers, width, output_dim
+  and image size read from the shapes, heads = 32·width // 64 as in ``build_model``) for CLIP
+  (``vit_ckpt_path=RN50.pt``); the captioner's image prefix takes ViT towers only.
 * **Chinese-CLIP checkpoints** (``clip_cn_vit-b-16.pt`` …, ``torch.load`` → ``{"state_dict": {"module.visual.*",
   "module.bert.*", "module.text_projection", "module.logit_scale"}, "epoch", …}``; the ``module.`` prefix and the
   ``state_dict`` wrapper are optional) → ``CLIP`` (``tuwen.models.clip.load_chinese_clip``) with the user's
   ``vocab.txt`` (Chinese-CLIP's vocabulary is the 21128-line Google Chinese BERT ``vocab.txt``;
-  ``pip install --no-deps cn_clip`` ships it as ``cn_clip/clip/vocab.txt``). ViT image towers only (not
-  ``RN50``). The converted model sizes PIL inputs like Chinese-CLIP (``image_resize="squash"``: ``Resize((S, S))``).
+  ``pip install --no-deps cn_clip`` ships it as ``cn_clip/clip/vocab.txt``). ViT and ResNet (``clip_cn_rn50.pt``)
+  image towers. The converted model sizes PIL inputs like Chinese-CLIP (``image_resize="squash"``: ``Resize((S, S))``).
 * **HF transformers layouts** (``pytorch_model.bin`` / ``model.safetensors`` of ``CLIPModel``,
   ``CLIPVisionModel(WithProjection)`` and ``ChineseCLIPModel``): ``vision_model.*`` (separate q/k/v projections,
   ``pre_layrnorm``, ``layer_norm1/2``, ``mlp.fc1/fc2``) + ``visual_projection.weight`` are rewritten to the OpenAI
@@ -39,6 +42,7 @@ import torch
 
 from ..errors import TuwenError
 from ..hub import load_state_dict_checked, load_torch_file, load_weights
+from ..models.resnet import ModifiedResNet, ResNetConfig
 from ..models.text_encoder import TextEncoder, TextEncoderConfig
 from ..models.vit import ViTConfig, VisionTransformer, resize_pos_embed
 from .torchscript import is_torchscript, read_torchscript_state_dict
@@ -127,23 +131,34 @@ def _from_hf(sd: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------- image tower
 
-def openai_visual_state_dict(path_or_sd) -> dict[str, torch.Tensor]:
+def is_resnet_state_dict(vis: dict) -> bool:
+    """``visual.*`` tensors (prefix removed) of a ModifiedResNet (``RN50`` …) rather than a ViT."""
+    return "attnpool.c_proj.weight" in vis or "layer1.0.conv1.weight" in vis
+
+
+def openai_visual_state_dict(path_or_sd, allow_resnet: bool = False) -> dict[str, torch.Tensor]:
     """The image tower of an OpenAI / Chinese-CLIP / HF CLIP checkpoint, with the ``visual.`` prefix removed.
 
-    A state dict of a bare ``VisionTransformer`` (``conv1.weight``, ``class_embedding``, …) is accepted as is.
+    A state dict of a bare ``VisionTransformer`` (``conv1.weight``, ``class_embedding``, …) or ``ModifiedResNet``
+    (``layer1.0.conv1.weight``, ``attnpool.*``, …) is accepted as is; ResNet towers only with ``allow_resnet``.
     """
     what = str(path_or_sd) if not isinstance(path_or_sd, dict) else "state dict"
     sd = _from_hf(read_state_dict(path_or_sd, "vit_ckpt_path"))
     if any(k.startswith("visual.") for k in sd):
         vis = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
-    elif "conv1.weight" in sd and "class_embedding" in sd:
+    elif "conv1.weight" in sd and ("class_embedding" in sd or is_resnet_state_dict(sd)):
         vis = dict(sd)
     else:
         raise TuwenError(f"{what}: no CLIP image tower found (expected visual.* keys as in OpenAI's ViT-B-32.pt; "
                          f"first keys: {', '.join(list(sd)[:5])})")
-    if "attnpool.c_proj.weight" in vis or "layer1.0.conv1.weight" in vis:
-        raise TuwenError(f"{what}: a ResNet image tower (RN50…); tuwen loads ViT towers only "
-                         f"(ViT-B-32, ViT-B-16, ViT-L-14, …)")
+    if is_resnet_state_dict(vis):
+        if not allow_resnet:
+            raise TuwenError(f"{what}: a ResNet image tower (RN50…); only CLIP (--app_name=clip, "
+                             f"vit_ckpt_path=) takes it — here a ViT is needed (ViT-B-32, ViT-B-16, ViT-L-14, …)")
+        for key in ("attnpool.c_proj.weight", "attnpool.positional_embedding", "layer1.0.conv1.weight"):
+            if key not in vis:
+                raise TuwenError(f"{what}: the visual.* tensors look like a ResNet tower but lack {key}")
+        return vis
     if "conv1.weight" not in vis or "class_embedding" not in vis:
         raise TuwenError(f"{what}: the visual.* tensors are not a CLIP ViT (no conv1.weight / class_embedding)")
     return vis
@@ -172,14 +187,49 @@ def vit_config_from_state_dict(sd: dict, image_size: int | None = None, heads: i
                      output_dim=int(output_dim), quick_gelu=quick_gelu, mlp_ratio=hidden / width)
 
 
-def load_visual_into(vit: VisionTransformer, sd: dict, source: str = "checkpoint") -> None:
-    """Load ``visual.*`` tensors (prefix removed) into ``vit``; the positional grid is resized if needed."""
+def resnet_config_from_state_dict(sd: dict, image_size: int | None = None, heads: int | None = None) -> ResNetConfig:
+    """Infer a ``ResNetConfig`` from ModifiedResNet ``visual.*`` tensors (prefix removed), as OpenAI's
+    ``build_model`` does: block counts from the ``layer{1..4}.{i}`` keys, width from ``layer1.0.conv1``, the image
+    size from the attention-pooling grid, heads = 32·width // 64."""
+    try:
+        width = int(sd["layer1.0.conv1.weight"].shape[0])
+        n_pos, embed = sd["attnpool.positional_embedding"].shape
+        output_dim = int(sd["attnpool.c_proj.weight"].shape[0])
+    except KeyError as e:
+        raise TuwenError(f"ResNet image tower state dict lacks {e}") from None
+    layers = [len({int(m.group(1)) for k in sd if (m := re.match(rf"layer{b}\.(\d+)\.", k))}) for b in (1, 2, 3, 4)]
+    grid = int(round((n_pos - 1) ** 0.5))
+    if grid * grid + 1 != n_pos:
+        raise TuwenError(f"attnpool.positional_embedding has {n_pos} rows, not 1 + a square grid")
+    if embed != 32 * width:
+        raise TuwenError(f"attnpool works on {embed} channels but layer1 is {width} wide (expected 32·{width})")
+    return ResNetConfig(image_size=image_size or grid * 32, layers=layers, width=width,
+                        heads=int(heads or max(1, width * 32 // 64)), output_dim=output_dim)
+
+
+def visual_config_from_state_dict(sd: dict, image_size: int | None = None,
+                                  heads: int | None = None) -> ViTConfig | ResNetConfig:
+    """``ViTConfig`` or ``ResNetConfig`` for ``visual.*`` tensors (prefix removed), whichever tower they are."""
+    if is_resnet_state_dict(sd):
+        return resnet_config_from_state_dict(sd, image_size, heads)
+    return vit_config_from_state_dict(sd, image_size, heads)
+
+
+def load_visual_into(tower: VisionTransformer | ModifiedResNet, sd: dict, source: str = "checkpoint") -> None:
+    """Load ``visual.*`` tensors (prefix removed) into a ViT or ResNet tower; the positional grid is resized if
+    needed. BatchNorm step counters (``num_batches_tracked``) absent from a file are taken as 0."""
     sd = dict(sd)
-    pos = sd.get("positional_embedding")
-    if pos is not None and pos.shape[0] != vit.positional_embedding.shape[0]:
-        sd["positional_embedding"] = resize_pos_embed(pos, vit.config.grid)
-    dtype = vit.conv1.weight.dtype
-    load_state_dict_checked(vit, {k: v.to(dtype) for k, v in sd.items()}, str(source))
+    key = "attnpool.positional_embedding" if isinstance(tower, ModifiedResNet) else "positional_embedding"
+    pos = sd.get(key)
+    if pos is not None and pos.shape[0] != tower.get_parameter(key).shape[0]:
+        sd[key] = resize_pos_embed(pos, tower.config.grid)
+    if isinstance(tower, ModifiedResNet):
+        for k, buf in tower.state_dict().items():
+            if k.endswith("num_batches_tracked") and k not in sd and k[:-19] + "running_mean" in sd:
+                sd[k] = torch.zeros_like(buf)
+    dtype = tower.conv1.weight.dtype
+    load_state_dict_checked(tower, {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()},
+                            str(source))
 
 
 def load_openai_vit(path_or_sd, image_size: int | None = None, heads: int | None = None) -> VisionTransformer:
@@ -190,12 +240,24 @@ def load_openai_vit(path_or_sd, image_size: int | None = None, heads: int | None
     return vit.eval()
 
 
+def load_openai_resnet(path_or_sd, image_size: int | None = None, heads: int | None = None) -> ModifiedResNet:
+    """OpenAI CLIP ``RN50.pt`` / ``RN101.pt`` / ``RN50x4.pt`` … (TorchScript archive, read without running it, or a
+    state dict), or Chinese-CLIP's ``RN50`` → ``ModifiedResNet`` (eval mode)."""
+    sd = openai_visual_state_dict(path_or_sd, allow_resnet=True)
+    if not is_resnet_state_dict(sd):
+        raise TuwenError(f"{path_or_sd if not isinstance(path_or_sd, dict) else 'state dict'}: a ViT image tower, "
+                         f"not a ResNet (RN50…); use load_openai_vit")
+    rn = ModifiedResNet(resnet_config_from_state_dict(sd, image_size, heads))
+    load_visual_into(rn, sd, str(path_or_sd) if not isinstance(path_or_sd, dict) else "state dict")
+    return rn.eval()
+
+
 # ----------------------------------------------------------------------------------------------- text tower
 
 _BERT_DROP = (".pooler.", "position_ids")
 
 
-def _bert_keys(sd: dict) -> dict:
+def _bert_keys(sd: dict, source: str = "bert_ckpt_path") -> dict:
     """``bert.``/``roberta.``/``text_model.`` prefixed or bare BERT keys → TextEncoder keys (heads dropped)."""
     for prefix in ("bert.", "roberta.", "text_model.", ""):
         sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix + "embeddings.word_embeddings")
@@ -203,7 +265,8 @@ def _bert_keys(sd: dict) -> dict:
         if "embeddings.word_embeddings.weight" in sub:
             break
     else:
-        raise TuwenError("no BERT text tower found (expected bert.embeddings.word_embeddings.weight)")
+        raise TuwenError(f"{source}: no BERT text tower found (expected bert.embeddings.word_embeddings.weight; "
+                         f"first keys: {', '.join(list(sd)[:3]) or 'none'})")
     out = {}
     for k, v in sub.items():
         if any(d in "." + k for d in _BERT_DROP):
@@ -250,7 +313,8 @@ def bert_state_dict(path_or_sd) -> tuple[dict[str, torch.Tensor], TextEncoderCon
                 raise TuwenError(f"{cfg}: not valid JSON ({e})") from None
             if not isinstance(hf, dict) or "hidden_size" not in hf:
                 hf = None   # not an HF BERT config (e.g. a tuwen folder)
-    sd = _bert_keys(_from_hf(read_state_dict(path_or_sd, "bert_ckpt_path")))
+    where = "bert_ckpt_path" if isinstance(path_or_sd, dict) else str(path_or_sd)
+    sd = _bert_keys(_from_hf(read_state_dict(path_or_sd, "bert_ckpt_path")), where)
     return sd, text_config_from_state_dict(sd, hf)
 
 
@@ -266,17 +330,18 @@ def chinese_clip_state_dict(path_or_sd, tokenizer, image_size: int | None = None
                             vision_heads: int | None = None, text_heads: int | None = None):
     """A Chinese-CLIP (or HF ChineseCLIPModel) checkpoint → (CLIP state dict, CLIPConfig fields).
 
-    The fields are ``{"embed_dim", "vision": ViTConfig, "text": TextEncoderConfig}`` (``tuwen.models.clip``
-    builds the model from them). ``logit_scale`` is in the state dict only when the checkpoint has it.
-    Head counts are not stored in the weights: by default width // 64 (16 for width 1280), as in all released
-    Chinese-CLIP models; ``vision_heads`` / ``text_heads`` override."""
+    The fields are ``{"embed_dim", "vision": ViTConfig | ResNetConfig, "text": TextEncoderConfig}``
+    (``tuwen.models.clip`` builds the model from them). ``logit_scale`` is in the state dict only when the
+    checkpoint has it. Head counts are not stored in the weights: by default width // 64 (16 for width 1280; a
+    ResNet tower 32·width // 64), as in all released Chinese-CLIP models; ``vision_heads`` / ``text_heads``
+    override."""
     what = str(path_or_sd) if not isinstance(path_or_sd, dict) else "state dict"
     sd = _from_hf(read_state_dict(path_or_sd, "cnclip_ckpt_path"))
     if "text_projection" not in sd or not any(k.startswith("bert.") for k in sd):
         raise TuwenError(f"{what}: not a Chinese-CLIP checkpoint (expected visual.*, bert.*, text_projection, "
                          f"logit_scale; first keys: {', '.join(list(sd)[:5])})")
-    vis = openai_visual_state_dict({k: x for k, x in sd.items() if k.startswith("visual.")})
-    v = vit_config_from_state_dict(vis, image_size, vision_heads)
+    vis = openai_visual_state_dict({k: x for k, x in sd.items() if k.startswith("visual.")}, allow_resnet=True)
+    v = visual_config_from_state_dict(vis, image_size, vision_heads)
     bert = _bert_keys({k: x for k, x in sd.items() if k.startswith("bert.")})
     t = text_config_from_state_dict(bert, {"num_attention_heads": text_heads} if text_heads else None)
     embed = sd["text_projection"].shape[1]
