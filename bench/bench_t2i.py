@@ -18,11 +18,14 @@ B=64 on one H100.
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import time
 
 import torch
 
 from tuwen.models.gpt import GPT, GPTConfig
+from tuwen.models.quant import quantize_weights
 from naive import generate_naive  # bench/naive.py (this script's folder is on sys.path)
 from tuwen.sampling import generate
 
@@ -74,6 +77,10 @@ def main():
                     help="auto: full on CUDA and for tiny on CPU, estimated for larger configs on CPU")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--weights", default="fp32", help="comma list of GPT weights dtypes to time: fp32,bf16,int8 "
+                    "(tuwen.models.quant; the naive loop always runs the fp32 model)")
+    ap.add_argument("--speculative", type=int, default=0,
+                    help="also time speculative Jacobi decoding with this many guessed codes per step")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,7 +91,7 @@ def main():
              else f", {torch.get_num_threads()} threads")
           + f", {str(dtype).replace('torch.', '')}, prefix {args.text_len} + {args.num_tokens} codes, "
             f"top_k {args.top_k}")
-    head = f"{'config':<6} {'B':>3} {'params':>7} {'mode':<18} {'ms/image':>10} {'images/s':>9} {'vs naive':>9}"
+    head = f"{'config':<6} {'B':>3} {'params':>7} {'mode':<24} {'ms/image':>10} {'images/s':>9} {'vs naive':>9}"
     print(head)
     print("-" * len(head))
     for name in args.configs.split(","):
@@ -98,9 +105,18 @@ def main():
                      ("kv-cache (eager)", dict(use_cuda_graph=False, static_cache=True))] \
                 if device.type == "cuda" else [("kv-cache", dict(use_cuda_graph=False))]
             rows = []
-            for mode, extra in modes:
-                generate(model, **{**kw, "num_tokens": 4}, **extra)  # warm-up (and graph capture)
-                rows.append((mode, timed(lambda: generate(model, **kw, **extra), device, args.repeats)))
+            for wd in args.weights.split(","):
+                m = model if wd == "fp32" else quantize_weights(copy.deepcopy(model), wd)
+                spec = [("", {})] + ([(f"+sjd{args.speculative}", {"speculative": args.speculative})]
+                                     if args.speculative else [])
+                for (mode, extra), (sname, sx) in itertools.product(modes, spec):
+                    name_ = mode + ("" if wd == "fp32" else f" {wd}") + sname
+                    generate(m, **{**kw, "num_tokens": 4}, **extra, **sx)  # warm-up (and graph capture)
+                    st: dict = {}
+                    rows.append((name_, timed(lambda: generate(m, **kw, **extra, **sx, stats=st), device,
+                                              args.repeats)))
+                    if st:
+                        print(f"  {name_}: {st['tokens_per_step']:.2f} codes per step", flush=True)
             naive = args.naive
             if naive == "auto":
                 naive = "full" if (device.type == "cuda" or name in ("tiny", "small")) else "estimate"
@@ -114,7 +130,7 @@ def main():
                 rows.append(("naive (estimated)", t_naive))
             for mode, t in rows:
                 ratio = f"{t_naive / t:>8.1f}x" if t_naive else f"{'-':>9}"
-                print(f"{name:<6} {B:>3} {model.num_params() / 1e6:>6.1f}M {mode:<18} {t / B * 1e3:>10.1f} "
+                print(f"{name:<6} {B:>3} {model.num_params() / 1e6:>6.1f}M {mode:<24} {t / B * 1e3:>10.1f} "
                       f"{B / t:>9.2f} {ratio}", flush=True)
         del model
         if device.type == "cuda":

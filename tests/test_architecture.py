@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tuwen"
 LAYERS: list[tuple[str, ...]] = [
     ("tuwen.errors", "tuwen.fileio", "tuwen.config", "tuwen.runtime", "tuwen.hub"),
     ("tuwen.text", "tuwen.data"),
-    ("tuwen.models.gpt", "tuwen.models.vqgan", "tuwen.models.vit", "tuwen.models.text_encoder",
+    ("tuwen.models.gpt", "tuwen.models.vqgan", "tuwen.models.vit", "tuwen.models.resnet", "tuwen.models.text_encoder",
      "tuwen.models.discriminator", "tuwen.models", "tuwen.models.cogview_vqvae"),
     ("tuwen.sampling",),
     ("tuwen.convert",),

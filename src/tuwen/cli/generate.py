@@ -88,6 +88,8 @@ def run(a: argparse.Namespace) -> int:
     index = []
     for i, (prompt, group) in enumerate(zip(a.prompts, images)):
         records = model.records(prompt, a.seed, i, a.num_images, **kw)
+        if a.speculative:
+            records = [{**r, "speculative": a.speculative} for r in records]
         scores = None
         if scorer is not None:
             order, sc = rerank(scorer, prompt, group, keep)
@@ -126,7 +128,10 @@ def _from_png(a) -> int:
     if not model_path or model_path == "?":
         raise TuwenError(f"{a.from_png}: the record does not name the model; pass --model DIR")
     device = init_distributed(a.device)
-    model = TextToImage.from_pretrained(model_path, size=a.size, text_len=a.text_len, img_len=a.img_len).to(device)
+    from ..models.quant import resolve_weights_dtype
+    wd = rec.get("weights_dtype") if a.weights_dtype == "auto" else resolve_weights_dtype(a.weights_dtype, device)
+    model = TextToImage.from_pretrained(model_path, size=a.size, text_len=a.text_len, img_len=a.img_len,
+                                        weights_dtype=wd).to(device)
     img = model.regenerate(rec)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

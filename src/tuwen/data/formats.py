@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import TuwenError
 from .images import IMAGE_EXTS, looks_like_base64_image
-from .rows import BadRow, RowSource, _index_lines
+from .rows import BadRow, LineIndex, RowSource, _index_lines
 
 csv.field_size_limit(2 ** 31 - 1)  # base64 images are far above the 128 KiB default
 
@@ -323,7 +323,9 @@ class CsvTable(_ByteRecords, _Named, RowSource):
             raise TuwenError(f"{p}:1: the first line is data, not a header naming the columns; add a header "
                              f"(e.g. filepath,title) or read it as an EasyNLP table with --input_schema")
         self.header = header
-        self._starts, self._ends, self._lines = starts[1:], ends[1:], lines[1:]
+        size = p.stat().st_size
+        self._index = LineIndex(starts[1:], lines[1:], size)      # record starts + line numbers, compact
+        self._ends = ends[1:].astype(np.uint32 if size < 2 ** 32 else np.int64)
         self._setup_names(header, str(p), idx_col, text_col, image_col, opts)
 
     def _fields(self, text: str) -> list[str]:
@@ -333,13 +335,13 @@ class CsvTable(_ByteRecords, _Named, RowSource):
         return next(csv.reader(io.StringIO(text, newline=""), delimiter=self.sep), [])
 
     def __len__(self) -> int:
-        return len(self._starts)
+        return len(self._index)
 
     def location(self, i: int) -> tuple[str, int]:
-        return str(self.paths[0]), int(self._lines[i])
+        return str(self.paths[0]), self._index.line(i)
 
     def row(self, i: int) -> dict | BadRow:
-        raw = self._read_range(0, int(self._starts[i]), int(self._ends[i]))
+        raw = self._read_range(0, self._index.start(i), int(self._ends[i]))
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -367,9 +369,8 @@ class JsonlTable(_ByteRecords, _Named, RowSource):
                  image_col: str = "image", opts: ReaderOptions | None = None, flag: str = "--tables"):
         opts = opts or reader_options()
         p = self._open_file(path, opts, flag)
-        self._starts, self._lines = _index_lines(p)
-        size = p.stat().st_size
-        self._ends = np.concatenate([self._starts[1:], [size]]).astype(np.int64)
+        self._size = p.stat().st_size
+        self._index = LineIndex(*_index_lines(p), self._size)     # a line ends where the next begins
         self._handles, self._pid = {}, os.getpid()
         keys: list[str] = []
         for i in range(min(len(self), 50)):  # keys of the first objects
@@ -382,13 +383,14 @@ class JsonlTable(_ByteRecords, _Named, RowSource):
         self._setup_names(keys, str(p), idx_col, text_col, image_col, opts)
 
     def __len__(self) -> int:
-        return len(self._starts)
+        return len(self._index)
 
     def location(self, i: int) -> tuple[str, int]:
-        return str(self.paths[0]), int(self._lines[i])
+        return str(self.paths[0]), self._index.line(i)
 
     def _parse(self, i: int):
-        raw = self._read_range(0, int(self._starts[i]), int(self._ends[i]))
+        end = self._index.start(i + 1) if i + 1 < len(self._index) else self._size
+        raw = self._read_range(0, self._index.start(i), end)
         try:
             rec = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
         except UnicodeDecodeError as e:

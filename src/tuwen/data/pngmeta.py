@@ -40,7 +40,11 @@ def png_info(record: dict[str, Any] | None) -> PngImagePlugin.PngInfo | None:
 
 
 def save_png(img: Image.Image, dest, record: dict[str, Any] | None = None) -> None:
-    """Save ``img`` as PNG to a path or a binary file object, with ``record`` in its text chunks."""
+    """Save ``img`` as PNG to a path or a binary file object, with ``record`` in its text chunks (``record`` gets
+    ``decode`` = [position, batch size] of the VQGAN decode that made ``img``, when ``TextToImage.generate`` noted
+    it: what ``regenerate`` needs for the same pixels)."""
+    if record is not None and "tuwen_decode" in img.info:
+        record["decode"] = list(img.info["tuwen_decode"])
     img.save(dest, format="PNG", pnginfo=png_info(record))
 
 

@@ -2,7 +2,8 @@
 
 * ``parse_schema("idx:str:1,text:str:1,imgbase64:str:1")`` → columns (``int``/``float`` with len>1 are lists).
 * ``Table(paths, schema)``: random access to rows of one or more files without reading them into memory; only
-  the start offset of every line is kept (8 bytes a row). Blank lines are not rows.
+  the start offset of every line is kept (``rows.LineIndex``: 4 bytes a row for a file under 4 GiB, at most 12;
+  ``Table.index_nbytes``). Blank lines are not rows.
 * ``ImageFolder(dir)``: ``name.jpg`` + ``name.txt`` pairs as rows.
 * A row that cannot be used becomes a ``BadRow`` (file, line, reason) instead of an exception; ``BadRowReport``
   counts them and lists the first N. ``--strict`` turns the first one into a ``TuwenError``.
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..errors import TuwenError
 from .images import IMAGE_EXTS, looks_like_base64_image  # noqa: F401  (IMAGE_EXTS re-exported)
-from .rows import _CHUNK, BadRow, RowSource, _index_lines  # noqa: F401  (re-exported: tuwen.data.tables.BadRow)
+from .rows import _CHUNK, BadRow, LineIndex, RowSource, _index_lines  # noqa: F401  (re-exported: BadRow)
 
 TYPES = {"str": str, "int": int, "float": float}
 
@@ -150,7 +151,7 @@ class Table(RowSource):
         self.schema = parse_schema(schema)
         self.columns = [c.name for c in self.schema]
         self.skip_first_line = skip_first_line
-        self._starts, self._lines, self._file_of = [], [], []
+        self._index: list[LineIndex] = []       # one a file: byte offset and line number of every row
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
         warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
@@ -162,18 +163,21 @@ class Table(RowSource):
             starts, lines = _index_lines(p)
             if skip_first_line and len(starts):
                 starts, lines = starts[1:], lines[1:]
-            self._starts.append(starts)
-            self._lines.append(lines)
-            self._file_of.append(np.full(len(starts), k, dtype=np.int32))
+            self._index.append(LineIndex(starts, lines, p.stat().st_size))
             if len(starts):
                 n = self._read(k, int(starts[0])).count(b"\t") + 1
                 if n > len(self.schema):
                     warn(f"{p} has {n} columns but --input_schema names {len(self.schema)} "
                          f"({','.join(self.columns)}); the extra columns are ignored")
-        self._cum = np.cumsum([0] + [len(s) for s in self._starts])
+        self._cum = np.cumsum([0] + [len(ix) for ix in self._index])
 
     def __len__(self) -> int:
         return int(self._cum[-1])
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of memory the row index holds (``len(self)`` rows; 4 a row for files under 4 GiB)."""
+        return sum(ix.nbytes for ix in self._index) + self._cum.nbytes
 
     def _locate(self, i: int) -> tuple[int, int]:
         if i < 0:
@@ -185,7 +189,7 @@ class Table(RowSource):
 
     def location(self, i: int) -> tuple[str, int]:
         k, j = self._locate(i)
-        return str(self.paths[k]), int(self._lines[k][j])
+        return str(self.paths[k]), self._index[k].line(j)
 
     def _read(self, k: int, offset: int) -> bytes:
         if self._pid != os.getpid():  # forked DataLoader worker: do not share file positions
@@ -198,12 +202,12 @@ class Table(RowSource):
 
     def raw(self, i: int) -> bytes:
         k, j = self._locate(i)
-        return self._read(k, int(self._starts[k][j]))
+        return self._read(k, self._index[k].start(j))
 
     def raw_offset(self, i: int) -> int:
         """The byte offset of row ``i`` in its file."""
         k, j = self._locate(i)
-        return int(self._starts[k][j])
+        return self._index[k].start(j)
 
     def row(self, i: int) -> dict | BadRow:
         raw = self.raw(i)

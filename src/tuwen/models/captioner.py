@@ -595,6 +595,9 @@ def load_image_tower(spec: str, image_size: int | None = None) -> tuple[VisionTr
     if mt == "clip":
         from .clip import CLIPConfig
         ccfg = CLIPConfig.load(path / CONFIG_NAME)
+        if not isinstance(ccfg.vision, ViTConfig):
+            raise TuwenError(f"vit_ckpt_path={spec!r}: the CLIP model {path} has a ResNet image tower; the "
+                             f"captioner's image prefix needs a ViT (patch tokens)")
         vcfg = ccfg.vision.replace(image_size=image_size) if image_size else ccfg.vision
         vit = VisionTransformer(vcfg)
         sd = load_weights(path)

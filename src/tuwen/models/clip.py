@@ -1,11 +1,16 @@
-"""CLIP: a contrastive image–text model (ViT image tower + BERT text tower), model_type ``clip``.
+"""CLIP: a contrastive image–text model (ViT or ResNet image tower + BERT text tower), model_type ``clip``.
 
 The layout is Chinese-CLIP's (``cn_clip``), so its checkpoints load::
 
     visual.*            VisionTransformer (OpenAI CLIP names), output = ln_post(CLS) @ visual.proj  [B, embed_dim]
+                        or ModifiedResNet (``RN50`` …, ``tuwen.models.resnet``), output = attnpool(features)
     bert.*              TextEncoder (HF BERT names), output = hidden[CLS] @ text_projection          [B, embed_dim]
     text_projection     [text hidden, embed_dim]
     logit_scale         scalar, init ln(1/0.07), clamped to [0, ln 100] after every optimizer step (open_clip)
+
+The image tower is chosen by ``config.vision``: a ``ViTConfig`` or a ``ResNetConfig``; in ``config.json`` the
+``vision`` object's own ``model_type`` (``vit`` | ``resnet``) says which (folders written before ResNet towers
+existed have ``vit`` there and load as they did). Presets: ``CLIP.build(tok, vision="RN50")`` or any ViT preset.
 
 Both embeddings are L2-normalised; ``similarity`` is their cosine, ``logit_scale.exp()·cos`` the logits. The folder
 written by ``save_pretrained`` holds ``config.json``, ``model.safetensors`` and the tokenizer (``vocab.txt`` +
@@ -36,14 +41,44 @@ from ..data.images import to_uint8_batch
 from ..errors import TuwenError
 from ..hub import PretrainedModel, load_state_dict_checked
 from ..text.tokenizer import TextTokenizer
+from .resnet import ModifiedResNet, ResNetConfig, is_resnet_preset
+from .resnet import PRESETS as RESNET_PRESETS
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .vit import CLIP_MEAN, CLIP_STD, ViTConfig, VisionTransformer, resize_pos_embed, uint8_to_input
+from .vit import PRESETS as VIT_PRESETS
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)   # 2.6593
 LOGIT_SCALE_MAX = math.log(100.0)       # 4.6052
 
 
 # ----------------------------------------------------------------------------------------------- config
+
+VisionConfig = ViTConfig | ResNetConfig
+VISION_CONFIGS: dict[str, type] = {"vit": ViTConfig, "resnet": ResNetConfig}   # config.json vision.model_type
+
+
+def vision_preset(name: str, **overrides) -> VisionConfig:
+    """An image-tower preset ``RN50``, ``RN101``, ``RN50x4`` … (ResNet) or ``ViT-B-32``, ``tiny`` … (ViT)."""
+    if is_resnet_preset(name):
+        return ResNetConfig.preset(name, **overrides)
+    if name not in VIT_PRESETS:
+        names = ", ".join(list(VIT_PRESETS) + list(RESNET_PRESETS))
+        raise TuwenError(f"unknown image tower {name!r}; choose one of {names}")
+    return ViTConfig.preset(name, **overrides)
+
+
+def vision_config_from_dict(d: dict, source: str) -> VisionConfig:
+    """The ``vision`` object of a CLIP config.json → ViTConfig / ResNetConfig by its ``model_type`` (default vit)."""
+    mt = d.get("model_type", "vit")
+    if mt not in VISION_CONFIGS:
+        raise TuwenError(f"{source}: vision.model_type is {mt!r}; expected one of {', '.join(VISION_CONFIGS)}")
+    return VISION_CONFIGS[mt].from_dict(d, source=f"{source}: vision")
+
+
+def build_image_tower(config: VisionConfig) -> nn.Module:
+    """``VisionTransformer`` for a ViTConfig, ``ModifiedResNet`` for a ResNetConfig."""
+    return ModifiedResNet(config) if isinstance(config, ResNetConfig) else VisionTransformer(config)
+
 
 @dataclasses.dataclass
 class CLIPConfig(BaseConfig):
@@ -52,7 +87,7 @@ class CLIPConfig(BaseConfig):
     model_type: ClassVar[str] = "clip"
 
     embed_dim: int = 64
-    vision: ViTConfig = dataclasses.field(default_factory=lambda: ViTConfig.preset("tiny"))
+    vision: ViTConfig | ResNetConfig = dataclasses.field(default_factory=lambda: ViTConfig.preset("tiny"))
     text: TextEncoderConfig = dataclasses.field(default_factory=lambda: TextEncoderConfig.preset("tiny"))
     context_length: int = 52
     logit_scale_init: float = LOGIT_SCALE_INIT
@@ -64,9 +99,18 @@ class CLIPConfig(BaseConfig):
     def __post_init__(self):
         self.validate()
 
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config", **overrides):
+        d = {**d, **overrides}
+        if isinstance(d.get("vision"), dict):
+            d["vision"] = vision_config_from_dict(d["vision"], source)
+        return super().from_dict(d, source)
+
     def validate(self) -> None:
         def bad(msg):
             raise TuwenError(f"CLIP config: {msg}")
+        if not isinstance(self.vision, (ViTConfig, ResNetConfig)):
+            bad(f"vision must be a ViT or ResNet config, got {type(self.vision).__name__}")
         if self.vision.output_dim != self.embed_dim:
             bad(f"vision.output_dim {self.vision.output_dim} must equal embed_dim {self.embed_dim}")
         if not 3 <= self.context_length <= self.text.max_position_embeddings:
@@ -91,7 +135,7 @@ class CLIP(PretrainedModel):
 
     def __init__(self, config: CLIPConfig, tokenizer: TextTokenizer | None = None):
         super().__init__(config)
-        self.visual = VisionTransformer(config.vision)
+        self.visual = build_image_tower(config.vision)
         self.bert = TextEncoder(config.text)
         self.text_projection = nn.Parameter(torch.empty(config.text.hidden_size, config.embed_dim))
         nn.init.normal_(self.text_projection, std=config.text.hidden_size ** -0.5)
@@ -101,11 +145,11 @@ class CLIP(PretrainedModel):
             self.set_tokenizer(tokenizer)
 
     @classmethod
-    def build(cls, tokenizer: TextTokenizer, vision: str | ViTConfig = "tiny", text: str | TextEncoderConfig = "tiny",
-              embed_dim: int | None = None, context_length: int = 52, image_size: int | None = None,
-              **text_overrides) -> "CLIP":
-        """A randomly initialised CLIP from presets (``ViTConfig.preset`` / ``TextEncoderConfig.preset`` names)."""
-        v = ViTConfig.preset(vision, image_size=image_size) if isinstance(vision, str) else vision
+    def build(cls, tokenizer: TextTokenizer, vision: str | VisionConfig = "tiny",
+              text: str | TextEncoderConfig = "tiny", embed_dim: int | None = None, context_length: int = 52,
+              image_size: int | None = None, **text_overrides) -> "CLIP":
+        """A randomly initialised CLIP from presets (``vision_preset`` / ``TextEncoderConfig.preset`` names)."""
+        v = vision_preset(vision, image_size=image_size) if isinstance(vision, str) else vision
         if embed_dim is not None:
             v = v.replace(output_dim=embed_dim)
         if isinstance(text, str):
@@ -209,9 +253,10 @@ class CLIP(PretrainedModel):
         """Load a CLIP state dict in this layout (``visual.*``, ``bert.*``, ``text_projection``, ``logit_scale``)
         read from a foreign checkpoint; the image tower's positional grid is resized when it differs."""
         sd = dict(sd)
-        pos = sd.get("visual.positional_embedding")
-        if pos is not None and pos.shape[0] != self.visual.positional_embedding.shape[0]:
-            sd["visual.positional_embedding"] = resize_pos_embed(pos, self.visual.config.grid)
+        key = "attnpool.positional_embedding" if isinstance(self.visual, ModifiedResNet) else "positional_embedding"
+        pos, own = sd.get(f"visual.{key}"), self.visual.get_parameter(key)
+        if pos is not None and pos.shape[0] != own.shape[0]:
+            sd[f"visual.{key}"] = resize_pos_embed(pos, self.visual.config.grid)
         dtype = self.text_projection.dtype
         load_state_dict_checked(self, {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()},
                                 str(source))

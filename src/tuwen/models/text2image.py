@@ -231,7 +231,10 @@ class TextToImage(PretrainedModel):
     def decode_codes(self, codes: torch.Tensor) -> list:
         """Codes [B, img_len] → PIL images (one batched VQGAN decode)."""
         h, w = self.grid
-        return to_pil(self.vqgan.decode(codes.reshape(-1, h, w).to(self.device)))
+        images = to_pil(self.vqgan.decode(codes.reshape(-1, h, w).to(self.device)))
+        for j, im in enumerate(images):  # where it was decoded: ``regenerate`` decodes the same way (PNG record)
+            im.info["tuwen_decode"] = (j, len(images))
+        return images
 
     @torch.inference_mode()
     def generate(self, prompts: str | Sequence[str] | None = None, *, text_ids: torch.Tensor | None = None,
@@ -275,6 +278,49 @@ class TextToImage(PretrainedModel):
             return torch.cat(codes).reshape(P, n, self.config.img_len)
         return [images[i * n:(i + 1) * n] for i in range(P)]
 
+    @torch.inference_mode()
+    def complete(self, prompt: str, image, mask, *, num_images: int = 1, seed: int = 0, key: Any = 0,
+                 sweeps: int = 1, window: int | str | None = "row", return_codes: bool = False,
+                 **sampling_overrides):
+        """Image completion ("text and part of image"): keep the codes of the known region of ``image``, sample
+        the others given ``prompt`` and every known code (``tuwen.models.completion`` states the method: raster
+        fill with the known codes forced, then ``sweeps`` Gibbs sweeps when the unknown region is not a suffix
+        in raster order; its limits), decode, paste the known pixels back.
+
+        ``image``: path / PIL / base64, resized + center-cropped to ``image_size``; ``mask``: bool array
+        [image_size, image_size] (True = generate) or a mask image of the input image's size (white = generate).
+        ``window``: codes after an unknown code that its Gibbs candidates are scored on ("row": one grid row + 1;
+        None: all). Image k uses the seed ``image_seed(seed, key, k)``. Returns ``num_images`` PIL images, or with
+        ``return_codes`` (codes LongTensor [num_images, img_len], code mask bool [img_len])."""
+        import numpy as np
+
+        from ..data.images import resize_crop
+        from .completion import code_mask, complete_codes, load_mask, open_input, paste_known
+
+        size = self.config.image_size
+        img = open_input(image)
+        pixel_mask = mask if isinstance(mask, np.ndarray) else load_mask(mask, img.size, size)
+        if pixel_mask.shape != (size, size):
+            raise TuwenError(f"complete: the mask is {pixel_mask.shape[1]}×{pixel_mask.shape[0]}, the model draws "
+                             f"{size}×{size} images")
+        img = resize_crop(img, size)
+        unknown = code_mask(pixel_mask, self.grid)
+        known = self.vqgan.encode([img], size=size).reshape(1, -1)  # [1, img_len]
+        n = int(num_images)
+        if n < 1:
+            raise TuwenError(f"num_images must be ≥ 1, got {n}")
+        p = self.sampling_params(**sampling_overrides)
+        codes = complete_codes(self.gpt, self.tokenize([prompt]).expand(n, -1), known.expand(n, -1), unknown,
+                               [image_seed(seed, key, k) for k in range(n)], text_len=self.config.text_len,
+                               top_k=p.top_k, top_p=p.top_p, temperature=p.temperature,
+                               guidance_scale=p.guidance_scale,
+                               uncond_ids=self.uncond_ids(1) if p.guidance_scale is not None else None,
+                               sweeps=sweeps, window=self.grid[1] + 1 if window == "row" else window,
+                               amp_dtype=amp_dtype(self.device, self.gpt.tok_emb.weight.dtype))
+        if return_codes:
+            return codes, unknown
+        return [paste_known(g, img, pixel_mask) for g in self.decode_codes(codes)]
+
     def records(self, prompt: str, seed: int, key: Any, n: int, **sampling_overrides) -> list[dict]:
         """The generation record of each of the ``n`` images ``generate`` makes for ``prompt`` (key ``key``):
         what ``tuwen.data.pngmeta`` writes into the PNG and ``regenerate`` reads back."""
@@ -284,7 +330,8 @@ class TextToImage(PretrainedModel):
         c = self.config
         return [{"prompt": prompt, "seed": int(seed), "key": key, "k": k, "sampling": sampling,
                  "model": str(getattr(self, "name_or_path", None) or "?"), "image_size": c.image_size,
-                 "text_len": c.text_len, "img_len": c.img_len, "tuwen": tuwen_version()} for k in range(n)]
+                 "text_len": c.text_len, "img_len": c.img_len, "tuwen": tuwen_version(),
+                 **({"weights_dtype": wd} if (wd := getattr(self, "weights_dtype", None)) else {})} for k in range(n)]
 
     @torch.inference_mode()
     def regenerate(self, record: dict):
@@ -295,8 +342,11 @@ class TextToImage(PretrainedModel):
                                  f"{getattr(self.config, k)} (load {record.get('model')})")
         seed = image_seed(record["seed"], record.get("key", 0), int(record.get("k", 0)))
         s = {k: v for k, v in (record.get("sampling") or {}).items() if k in SAMPLING_FIELDS}
-        codes = self._sample(self.tokenize([record["prompt"]]), [seed], self.sampling_params(**s), "auto")
-        return self.decode_codes(codes)[0]
+        codes = self._sample(self.tokenize([record["prompt"]]), [seed], self.sampling_params(**s), "auto",
+                             speculative=record.get("speculative"))
+        # the VQGAN's convolutions may round differently for another batch shape: decode as the original was
+        j, b = (int(v) for v in (record.get("decode") or (0, 1)))
+        return self.decode_codes(codes.repeat(max(b, j + 1), 1))[j]
 
     @staticmethod
     def _image_seeds(seed, keys, P: int, n: int) -> list[int]:
@@ -362,6 +412,7 @@ class TextToImage(PretrainedModel):
             raise TuwenError(f"{path / CONFIG_NAME}: model_type {mt!r} is not a text→image model "
                              f"(expected {MODEL_TYPE!r} or EasyNLP's 'artist')")
         model.name_or_path = str(name_or_path)
+        model.weights_dtype = weights_dtype  # recorded with generated images (the same weights re-create them)
         model.eval()
         if weights_dtype is not None:
             quantize_weights(model.gpt, weights_dtype)

@@ -235,8 +235,7 @@ class Trainer:
         if self.is_main:
             run.log_file = self._open_logs(run)
         from tqdm import tqdm
-        # tqdm's disable=None: on only when stderr is a terminal
-        disable = True if (not self.is_main or a.progress is False) else (None if a.progress is None else False)
+        disable = D.progress_disable(a.progress)  # None: on only when stderr is a terminal
         run.bar = tqdm(total=total, initial=self.step, desc=self.task.name, unit="step", dynamic_ncols=True,
                        disable=disable, file=sys.stderr)
         run.t_start = run.t_last = time.time()
@@ -614,7 +613,9 @@ class Trainer:
                             shuffle=False, num_workers=0, collate_fn=self.task.collate)
         sums: dict[str, list[float]] = {}
         first_batch = None
-        for batch in loader:
+        from tqdm import tqdm
+        for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, file=sys.stderr,
+                          disable=D.progress_disable(self.args.progress)):
             self._note_bad(batch)
             if not batch["size"]:
                 continue

@@ -48,18 +48,20 @@ from ..predict import RowError, parse_columns, run_predict
 CLIP_PARAMS: dict[str, Param] = {
     "pretrain_model_name_or_path": Param(str | None, None, "a tuwen CLIP folder to start from (or to evaluate)"),
     "cnclip_ckpt_path": Param(str | None, None, "a Chinese-CLIP checkpoint (.pt) to start from; needs vocab="),
-    "vit_ckpt_path": Param(str | None, None, "OpenAI CLIP .pt (TorchScript or state dict) for the image tower"),
+    "vit_ckpt_path": Param(str | None, None, "OpenAI CLIP .pt (TorchScript or state dict) for the image tower "
+                                            "(ViT-B-32.pt … or RN50.pt …)"),
     "bert_ckpt_path": Param(str | None, None, "HF BERT/RoBERTa weights (folder or file) for the text tower; "
                                              "needs its vocab.txt (vocab=)"),
     "vocab": Param(str | None, None, "vocab.txt (or a folder with it); default: built from the training texts"),
     "vocab_size": Param(int, 8000, "size of a vocabulary built from the training texts"),
-    "vision": Param(str, "tiny", "image tower preset: tiny, small, base-64, ViT-B-32, ViT-B-16, ViT-L-14"),
+    "vision": Param(str, "tiny", "image tower preset: tiny, small, base-64, ViT-B-32, ViT-B-16, ViT-L-14, "
+                                 "RN50, RN101, RN50x4, RN50x16, RN50x64, rn-tiny"),
     "text": Param(str, "tiny", "text tower preset: tiny, small, base-64, RBT3-chinese, RoBERTa-wwm-ext-base-chinese"),
     "image_size": Param(int | None, None, "input resolution (default: the preset's / checkpoint's)"),
     "patch_size": Param(int | None, None, "ViT patch size override"),
-    "vision_width": Param(int | None, None, "ViT width override"),
+    "vision_width": Param(int | None, None, "ViT / ResNet width override"),
     "vision_layers": Param(int | None, None, "ViT depth override"),
-    "vision_heads": Param(int | None, None, "ViT heads override"),
+    "vision_heads": Param(int | None, None, "ViT / ResNet attention-pool heads override"),
     "text_width": Param(int | None, None, "text tower hidden size override"),
     "text_layers": Param(int | None, None, "text tower depth override"),
     "text_heads": Param(int | None, None, "text tower heads override"),

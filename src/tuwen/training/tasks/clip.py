@@ -6,8 +6,8 @@ gathered *with gradient* and each rank computes the loss of its own rows against
 concatenated batch (also when ranks hold different numbers of rows). Logits are computed in fp32 even under bf16
 autocast.
 
-Start points (``model_factory``): random (``vision=``/``text=`` presets), ``vit_ckpt_path=`` (OpenAI CLIP image
-tower), ``bert_ckpt_path=`` + ``vocab=`` (HF BERT text tower), ``cnclip_ckpt_path=`` + ``vocab=`` (a whole
+Start points (``model_factory``): random (``vision=``/``text=`` presets; ``vision=RN50`` … a ResNet tower),
+``vit_ckpt_path=`` (OpenAI CLIP image tower: ``ViT-B-32.pt`` …, or ``RN50.pt`` … a ResNet), ``bert_ckpt_path=`` + ``vocab=`` (HF BERT text tower), ``cnclip_ckpt_path=`` + ``vocab=`` (a whole
 Chinese-CLIP), ``pretrain_model_name_or_path=`` (a tuwen CLIP folder). Without ``vocab=`` a vocabulary is built
 from the training texts (``TextTokenizer.train``) and saved with the model. The EasyNLP command line around this
 is ``tuwen.cli.easynlp.clip``.
@@ -30,9 +30,10 @@ from ...data.rules import APPS as _RULES, check_image_field, check_text_field
 from ...data.tables import BadRow, RowDataset, collate_skip_bad
 from ...errors import TuwenError
 from ...hub import resolve_model_path
-from ...models.clip import CLIP, CLIPConfig, chinese_clip_weights, trim_padding
+from ...models.clip import CLIP, CLIPConfig, chinese_clip_weights, trim_padding, vision_preset
+from ...models.resnet import ResNetConfig, is_resnet_preset
 from ...models.text_encoder import TextEncoderConfig
-from ...models.vit import ViTConfig, uint8_to_input
+from ...models.vit import uint8_to_input
 from ...text.tokenizer import TextTokenizer
 from ..trainer import Task
 
@@ -258,14 +259,23 @@ def model_factory(p: dict, tokenizer: TextTokenizer) -> tuple[CLIPConfig, Callab
 
     sd_vit = None
     if p["vit_ckpt_path"]:
-        sd_vit = conv.openai_visual_state_dict(p["vit_ckpt_path"])
-        v = conv.vit_config_from_state_dict(sd_vit, image_size=p["image_size"])
+        sd_vit = conv.openai_visual_state_dict(p["vit_ckpt_path"], allow_resnet=True)   # ViT-B-32.pt, RN50.pt …
+        v = conv.visual_config_from_state_dict(sd_vit, image_size=p["image_size"])
         if p["embed_dim"] and p["embed_dim"] != v.output_dim:
             raise TuwenError(f"embed_dim={p['embed_dim']} differs from the image tower's output size {v.output_dim} "
                              f"in vit_ckpt_path; drop embed_dim")
+    elif is_resnet_preset(p["vision"]):
+        vit_only = [k for k in ("patch_size", "vision_layers") if p[k] is not None]
+        if vit_only:
+            raise TuwenError(f"{', '.join(vit_only)}= set a ViT image tower; vision={p['vision']} is a ResNet "
+                             f"(its depth is the preset's; vision_width= and vision_heads= apply)")
+        v = ResNetConfig.preset(p["vision"], image_size=p["image_size"], width=p["vision_width"],
+                                heads=p["vision_heads"])
+        if p["embed_dim"]:
+            v = v.replace(output_dim=p["embed_dim"])
     else:
-        v = ViTConfig.preset(p["vision"], image_size=p["image_size"], patch_size=p["patch_size"],
-                             width=p["vision_width"], layers=p["vision_layers"], heads=p["vision_heads"])
+        v = vision_preset(p["vision"], image_size=p["image_size"], patch_size=p["patch_size"],
+                          width=p["vision_width"], layers=p["vision_layers"], heads=p["vision_heads"])
         if p["embed_dim"]:
             v = v.replace(output_dim=p["embed_dim"])
     sd_bert = None
