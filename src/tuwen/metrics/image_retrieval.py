@@ -96,8 +96,6 @@ def _read(path, match: str, report: BadRowReport, max_images: int | None, **set_
                              f"match on ({'a TSV text column or name.txt' if match == 'text' else 'TSV idx column'}"
                              f"{'' if match == 'text' else ' or file name'}); try --match "
                              f"{'idx' if match == 'text' else 'text'}")
-        if Path(str(it.where)).stem.endswith("_grid") and ":" not in str(it.where):
-            continue  # predict --output_dir's {idx}_grid.png
         keys.append(key)
         images.append(np.asarray(it.image.convert("RGB")))
     return keys, images
