@@ -19,7 +19,6 @@ Two feature spaces that need no trained network (so anyone can rebuild the numbe
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
