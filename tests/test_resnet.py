@@ -320,3 +320,25 @@ def test_cli_trains_a_resnet_clip_with_the_open_clip_model_flag(tmp_path, capsys
     assert rc == 0, err
     m = CLIP.from_pretrained(ck)
     assert isinstance(m.visual, ModifiedResNet) and m.config.image_size == 64
+
+
+def test_chinese_clip_rn50_layout_loads(tmp_path):
+    from tuwen.models.clip import load_chinese_clip
+    tok = TextTokenizer.train(["一个红色的圆形", "一个蓝色的正方形"], vocab_size=100)
+    torch.manual_seed(0)
+    src = CLIP.build(tok, vision="rn-tiny", text="tiny", context_length=16).eval()
+    with torch.no_grad():
+        for m in src.visual.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.running_var.uniform_(0.5, 2.0)
+    sd = {f"module.{k}": v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "clip_cn_rn50.pt")        # cn_clip's checkpoint layout
+    m = load_chinese_clip(tmp_path / "clip_cn_rn50.pt", tok, context_length=16)
+    assert isinstance(m.visual, ModifiedResNet) and m.config.vision == src.config.vision
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m.image_features(x), src.image_features(x))
+        # (the text config is inferred from the shapes: layer-norm eps may differ from the preset's → 1e-4)
+        torch.testing.assert_close(m.encode_text(["一个红色的圆形"]), src.encode_text(["一个红色的圆形"]),
+                                   atol=2e-4, rtol=1e-3)

@@ -212,8 +212,9 @@ def test_same_seed_same_png_as_tuwen_generate(srv, tmp_path):
     assert [d["b64_json"] for d in res[0][2]["data"]] == [d["b64_json"] for d in out["data"]]
 
 
-def test_predict_easynlp_rows(srv, demo):
-    url, _ = srv
+def test_predict_easynlp_rows(srv):
+    url, server = srv
+    demo = server.model  # as tuwen generate loads it (int8 weights on CPU)
     st, _, one = jcall(url, "/predict", {"text": PROMPT, "max_generated_num": 2, "seed": 3})
     assert st == 200 and len(one["gen_imgbase64"]) == 2 and one["idx"] == 0
     st, _, rows = jcall(url, "/predict", [{"text": PROMPT, "idx": "a7", "seed": 3},

@@ -154,6 +154,61 @@ class TextToImagePipeline:
         return out
 
 
+#: ``tuwen.pipeline("complete", ...)`` keyword arguments: the text→image keys plus the completion settings
+COMPLETE_PARAMS: dict[str, Param] = {
+    **TEXT2IMAGE_PARAMS,
+    "sweeps": Param(int, 1, "Gibbs sweeps over the unknown codes when the mask is not a suffix (0: raster fill)"),
+    "window": Param(str, "row", "codes after an unknown code its candidates are scored on: row, all or a number"),
+}
+
+
+class CompletionPipeline:
+    """``tuwen.pipeline("complete", model_path=DIR)``: image completion with a text→image model (default: the demo
+    model). ``comp(prompt, image, mask=MASK | box=(x0, y0, x1, y1) | extend={"right": px, "down": px})`` → one dict:
+    ``gen_imgbase64``, ``images`` (known pixels pasted back), ``records``, ``warnings``, ``mask`` (bool array, True =
+    generated). The method and its limits: ``tuwen.models.completion``."""
+
+    def __init__(self, model_path: str | None = None, device: str = "auto", **udp: Any):
+        self.udp = typed_kwargs(udp, COMPLETE_PARAMS, "complete")
+        self.model = load_text2image(str(model_path or demo_model_path()), self.udp, device)
+
+    def __call__(self, prompt: str, image, mask=None, *, box=None, extend: dict | None = None,
+                 **overrides: Any) -> dict:
+        import base64
+
+        from .data.images import resize_crop
+        from .data.pngmeta import png_bytes
+        from .models.completion import box_mask, extend_canvas, load_mask, open_input
+        udp = dict(self.udp)
+        if overrides:
+            typed = typed_kwargs(overrides, COMPLETE_PARAMS, "complete")
+            udp.update({k: typed[k] for k in overrides})
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise TuwenError("complete pipeline: the prompt must be a non-empty string")
+        if sum(x is not None for x in (mask, box, extend)) != 1:
+            raise TuwenError("complete pipeline: give exactly one of mask=, box=, extend=")
+        img, size = open_input(image), self.model.config.image_size
+        if extend is not None:
+            img, pix = extend_canvas(img, size, right=int(extend.get("right", 0)), down=int(extend.get("down", 0)))
+        else:
+            pix = box_mask(box, img.size, size) if box is not None else \
+                (mask if hasattr(mask, "dtype") else load_mask(mask, img.size, size, "mask"))
+            img = resize_crop(img, size)
+        w = udp["window"]
+        window = None if w == "all" else "row" if w == "row" else int(w)
+        seed = udp["seed"] if udp["seed"] is not None else 0
+        gen = text2image_sampling(self.model, udp)
+        n = udp["max_generated_num"]
+        warnings = self.model.prompt_warnings(prompt)
+        for m in warnings:
+            print(f"warning: {m}", file=sys.stderr)
+        images = self.model.complete(prompt, img, pix, num_images=n, seed=seed, key="complete",
+                                     sweeps=udp["sweeps"], window=window, **gen)
+        records = [{**r, "task": "complete"} for r in self.model.records(prompt, seed, "complete", n, **gen)]
+        return {"gen_imgbase64": [base64.b64encode(png_bytes(im, r)).decode("ascii") for im, r in zip(images, records)],
+                "images": images, "records": records, "warnings": warnings, "mask": pix}
+
+
 # ----------------------------------------------------------------------------------------------- image/video→text
 
 #: ``image2text_generation`` / ``video2text_generation`` user_defined_parameters (EasyNLP command line and
@@ -391,6 +446,10 @@ def pipeline(task: str, model_path: str | None = None, **kwargs: Any):
     * ``"image2text_generation"`` / ``"video2text_generation"`` — ``cap(image | [images])`` → per input
       ``{"gen_text": [...]}``; images are paths, PIL images, base64 strings or bytes (video: a list of frames per
       input). ``model_path`` required. Keys (``CAPTION_PARAMS``): max_generated_num, num_beams, top_k, seed, ….
+    * ``"complete"`` — ``comp(prompt, image, mask=… | box=(x0, y0, x1, y1) | extend={"right": px})`` →
+      ``{"images", "gen_imgbase64", "records", "warnings", "mask"}``: keep the known part of the image, generate
+      the rest (``tuwen.models.completion``). ``model_path`` as for text2image_generation. Keys
+      (``COMPLETE_PARAMS``): the text→image keys plus sweeps, window.
     * ``"clip"`` — ``clip(images, texts)`` → ``{"scores", "logits"}``; ``clip.embed_images`` /
       ``clip.embed_texts`` → embeddings. ``model_path`` required (a tuwen CLIP folder). Keys: batch_size.
 
@@ -399,7 +458,7 @@ def pipeline(task: str, model_path: str | None = None, **kwargs: Any):
     ``$TUWEN_HOME/models/`` (default ``~/.cache/tuwen/models/``); the error says where when they are not.
     ``device=`` ("auto", "cpu", "cuda", "cuda:N") is accepted by every task.
     """
-    if task not in TASKS and task != "clip":
+    if task not in TASKS and task not in ("clip", "complete"):
         inferred = _task_of_model(task)
         if inferred is None:
             import difflib
@@ -408,13 +467,15 @@ def pipeline(task: str, model_path: str | None = None, **kwargs: Any):
             if "/" in task or "-" in task:  # looks like a model name: say where its files must be
                 resolve_model_path(task, what="pipeline model")  # raises, naming where to put the files
             raise TuwenError(f"pipeline: unknown task {task!r}{hint}; choose one of {', '.join(TASKS)}, clip, "
-                             f"or pass a model folder / model-zoo name")
+                             f"complete, or pass a model folder / model-zoo name")
         if model_path is not None:
             raise TuwenError(f"pipeline({task!r}, {model_path!r}): the first argument is already a model; give the "
                              f"task first: pipeline({inferred!r}, {task!r})")
         task, model_path = inferred, task
     if task == "text2image_generation":
         return TextToImagePipeline(model_path, **kwargs)
+    if task == "complete":
+        return CompletionPipeline(model_path, **kwargs)
     if task in ("image2text_generation", "video2text_generation"):
         if model_path is None:
             raise TuwenError(f"pipeline({task!r}): give model_path= (a captioning model folder); nothing is downloaded")

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "data": "data",
     "vq": "vq",
     "generate": "generate",
+    "complete": "complete",
     "caption": "caption",
     "convert": "convert",
     "demo": "demo",

@@ -42,7 +42,7 @@ import torch
 
 from ..errors import TuwenError
 from ..hub import load_state_dict_checked, load_torch_file, load_weights
-from ..models.resnet import ModifiedResNet, ResNetConfig
+from ..models.resnet import ModifiedResNet, ResNetConfig, fill_bn_counters
 from ..models.text_encoder import TextEncoder, TextEncoderConfig
 from ..models.vit import ViTConfig, VisionTransformer, resize_pos_embed
 from .torchscript import is_torchscript, read_torchscript_state_dict
@@ -224,9 +224,7 @@ def load_visual_into(tower: VisionTransformer | ModifiedResNet, sd: dict, source
     if pos is not None and pos.shape[0] != tower.get_parameter(key).shape[0]:
         sd[key] = resize_pos_embed(pos, tower.config.grid)
     if isinstance(tower, ModifiedResNet):
-        for k, buf in tower.state_dict().items():
-            if k.endswith("num_batches_tracked") and k not in sd and k[:-19] + "running_mean" in sd:
-                sd[k] = torch.zeros_like(buf)
+        sd = fill_bn_counters(tower, sd)
     dtype = tower.conv1.weight.dtype
     load_state_dict_checked(tower, {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()},
                             str(source))

@@ -41,7 +41,7 @@ from ..data.images import to_uint8_batch
 from ..errors import TuwenError
 from ..hub import PretrainedModel, load_state_dict_checked
 from ..text.tokenizer import TextTokenizer
-from .resnet import ModifiedResNet, ResNetConfig, is_resnet_preset
+from .resnet import ModifiedResNet, ResNetConfig, fill_bn_counters, is_resnet_preset
 from .resnet import PRESETS as RESNET_PRESETS
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .vit import CLIP_MEAN, CLIP_STD, ViTConfig, VisionTransformer, resize_pos_embed, uint8_to_input
@@ -257,6 +257,8 @@ class CLIP(PretrainedModel):
         pos, own = sd.get(f"visual.{key}"), self.visual.get_parameter(key)
         if pos is not None and pos.shape[0] != own.shape[0]:
             sd[f"visual.{key}"] = resize_pos_embed(pos, self.visual.config.grid)
+        if isinstance(self.visual, ModifiedResNet):
+            sd = fill_bn_counters(self, sd)
         dtype = self.text_projection.dtype
         load_state_dict_checked(self, {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()},
                                 str(source))

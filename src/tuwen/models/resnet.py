@@ -243,3 +243,13 @@ class ModifiedResNet(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def fill_bn_counters(module: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` (keys as in ``module.state_dict()``) plus a 0 for every BatchNorm ``num_batches_tracked`` the file
+    left out (only counted, never used in eval or training with momentum) — for state dicts saved without them."""
+    out = dict(sd)
+    for k, buf in module.state_dict().items():
+        if k.endswith(".num_batches_tracked") and k not in out and k[:-19] + "running_mean" in out:
+            out[k] = torch.zeros_like(buf)
+    return out

@@ -336,6 +336,9 @@ class TextToImage(PretrainedModel):
     @torch.inference_mode()
     def regenerate(self, record: dict):
         """The image a record (``records``, or a PNG's via ``pngmeta.read_png_record``) describes."""
+        if record.get("task", "generate") != "generate":
+            raise TuwenError(f"the image was made by `tuwen {record['task']}` (from {record.get('input', 'an image')}"
+                             f"), not from its prompt alone; run that command again to re-create it")
         for k in ("text_len", "img_len", "image_size"):
             if record.get(k) is not None and record[k] != getattr(self.config, k):
                 raise TuwenError(f"the image was made by a model with {k}={record[k]}; this one has "

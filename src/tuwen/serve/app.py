@@ -66,6 +66,7 @@ class ServeOptions:
     captioner: str | None = None      # captioner folder: /v1/captions (and caption reranking without --clip)
     clip: str | None = None           # CLIP folder: /v1/rerank and "rerank": true
     device: str = "auto"
+    weights_dtype: str | None = "auto"  # GPT Linear weights: auto (as tuwen generate: int8 on CPU), fp32, bf16, int8
     max_batch: int = 16               # images decoded together
     max_queue: int = 64               # images waiting; beyond → 429
     max_n: int = 8                    # images per request
@@ -252,7 +253,9 @@ class Server:
             path = demo_model_path()
         self.model_path = str(path)
         self.model_name = Path(path).resolve().name
-        self.model = TextToImage.from_pretrained(path, device=self.device).eval()
+        from ..models.quant import resolve_weights_dtype
+        wd = resolve_weights_dtype(opts.weights_dtype, self.device, "--weights_dtype")
+        self.model = TextToImage.from_pretrained(path, weights_dtype=wd).to(self.device).eval()  # as tuwen generate
         self.captioner = None
         if opts.captioner:
             from ..models.captioner import Captioner
