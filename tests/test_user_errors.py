@@ -57,3 +57,9 @@ def test_validate_applies_the_task_rules(tmp_path, capsys):
                  "--app_name=video2text_generation"]) == 1
     out = capsys.readouterr().out
     assert f"{t}:2:" not in out and f"{t}:3: empty text" in out
+
+
+def test_weights_dtype_is_not_silently_ignored_by_other_apps(tmp_path, capsys):
+    rc = main(["--mode=predict", "--app_name=image2text_generation", f"--tables={tmp_path / 'x.tsv'}",
+               "--weights_dtype", "int8", f"--checkpoint_dir={tmp_path}"])
+    assert rc == 2 and "--weights_dtype int8: low-precision weights apply to text→image" in capsys.readouterr().err

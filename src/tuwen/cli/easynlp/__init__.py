@@ -105,6 +105,9 @@ def main(argv: list[str]) -> int:
         print(app_help(argv))
         return 0
     args = parse(argv)
+    if getattr(args, "weights_dtype", None) not in (None, "auto", "fp32") and args.app != "text2image_generation":
+        raise TuwenError(f"--weights_dtype {args.weights_dtype}: low-precision weights apply to text→image "
+                         f"generation; {args.app_name} runs in fp32 (drop the flag)")
     try:
         mod = importlib.import_module(args.app_module)
     except ModuleNotFoundError as e:
