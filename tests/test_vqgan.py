@@ -200,7 +200,7 @@ def test_decode_fp32_under_autocast_and_bf16_close():
     assert low.dtype == torch.float32
     psnr = 10 * torch.log10(4.0 / (low - ref).pow(2).mean())  # value range [-1, 1]: peak-to-peak 2
     assert psnr > 40, psnr
-    torch.testing.assert_close(m.decode(codes, batch_size=1), ref, atol=1e-5, rtol=1e-5)  # conv algos vary by batch
+    torch.testing.assert_close(m.decode(codes, batch_size=1), ref, atol=5e-5, rtol=1e-4)  # conv algos vary by batch
     pil = m.decode_to_pil(codes)
     assert len(pil) == 2 and pil[0].size == (32, 32)
 

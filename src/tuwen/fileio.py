@@ -70,6 +70,18 @@ def write_target(path: str | Path) -> tuple[Path | None, str]:
     raise TuwenError(f"{path}: not a regular file, FIFO or device; give a file name")
 
 
+def sanitize_name(s, maxlen: int = 80) -> str:
+    """A safe file-name part from user text (idx values): no path separators, no dot-files, no NUL, bounded
+    length. When this changes the text (``a/b``, ``a b``, ``a?b`` all give ``a_b``; ``..``, ``.`` and empty give
+    ``row``), a short hash of the raw text is appended, so that different idx values never share a name."""
+    raw = str(s)
+    name = re.sub(r"[^\w\-.]+", "_", raw, flags=re.UNICODE).strip("._") or "row"
+    if name != raw or len(name) > maxlen:
+        h = hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
+        name = f"{name[:maxlen - 9]}_{h}"
+    return name
+
+
 def atomic_write(path: str | Path, write_fn) -> None:
     """Write ``path`` so that readers see the old file or the whole new one, never a part.
 

@@ -53,6 +53,9 @@ TEXT2IMAGE_PARAMS: dict[str, Param] = {
     "gpt_preset": Param(str, None, "GPT size preset: tiny, small, base, large"),
     "block_size": Param(int, None, "accepted for EasyNLP compatibility; must equal text_len + img_len"),
     "dropout": Param(float, None, "embedding/attention/residual dropout for training from scratch"),
+    "sandwich_ln": Param(bool, None, "CogView's Sandwich-LN (a LayerNorm after attention and after the MLP, inside "
+                                     "the residual branch) for stable bf16/fp16 training of deep models (default off)"),
+    "pb_relax": Param(bool, None, "CogView's PB-relax LayerNorm (LN(x / (max|x| / 8))), fp16-safe (default off)"),
     "cfg_drop_prob": Param(float, None, "classifier-free guidance training: probability of dropping the text"),
     "null_cond_prob": Param(float, None, "alias of cfg_drop_prob (DALLE-pytorch name)"),
     "pkeep": Param(float, 1.0, "probability of keeping each input image code (taming's corruption trick)"),

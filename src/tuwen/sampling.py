@@ -750,10 +750,27 @@ def _processed_logprobs(logits: torch.Tensor, *, temperature: float, top_k: int 
     return logits.log_softmax(dim=-1)
 
 
-def _gumbel_from_keys(row_keys: torch.Tensor, index_keys: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise [B, K] from per-row keys [B] and precomputed index keys [K] (as :func:`gumbel_noise`)."""
-    h = hash32(row_keys[:, None] ^ index_keys)
-    return -torch.log(-torch.log(((h >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)))
+def _candidates(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
+                allowed: Allowed) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, V] logits → the distribution :func:`sample_tokens` draws from, restricted to its candidates:
+    (log-probs [N, C], output ids [N, C]). C = 1 (greedy), top_k, or every allowed id; ids that ``allowed`` or
+    top-p exclude are at -inf. Same rule as :func:`_processed_logprobs` without the dense [N, V] result."""
+    logits, lo = _restrict(logits.float(), allowed)
+    N, V = logits.shape
+    if temperature == 0 or top_k == 1:
+        return logits.new_zeros(N, 1), logits.argmax(dim=-1, keepdim=True) + lo
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and top_k < V:
+        vals, ids = logits.topk(top_k, dim=-1)  # sorted, descending
+    elif top_p is not None and top_p < 1.0:
+        vals, ids = logits.sort(dim=-1, descending=True)
+    else:
+        vals, ids = logits, torch.arange(V, device=logits.device).expand(N, V)
+    if top_p is not None and top_p < 1.0:
+        probs = vals.softmax(dim=-1)
+        vals = vals.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))
+    return vals.log_softmax(dim=-1), ids + lo
 
 
 def _generate_speculative(model: GPT, *, ids, emb, B: int, P: int, num_tokens: int, seeds: torch.Tensor,
@@ -767,6 +784,10 @@ def _generate_speculative(model: GPT, *, ids, emb, B: int, P: int, num_tokens: i
     position's ``p`` gives one more token: 1 … ``window`` tokens per forward. The next guesses are drawn from
     the distributions this forward computed further along (conditioned on the old guesses: the Jacobi step).
 
+    Every distribution is kept as its candidates only (:func:`_candidates`: the top-k ids, or all allowed ids
+    without top-k), so with top-k the verification, residuals and random numbers cost O(window · k) per row, not
+    O(window · vocabulary): a step costs little more than the model's forward over ``window`` positions.
+
     Rows keep their own positions (per-row positions of the KV cache), iteration counter and counter-based
     random numbers, so a row's tokens depend only on its seed and its logits, not on the batch. Positions past
     the end go to one scratch slot of the cache that no real position attends to.
@@ -779,6 +800,7 @@ def _generate_speculative(model: GPT, *, ids, emb, B: int, P: int, num_tokens: i
     cache_dtype = amp_dtype if amp_dtype is not None else model.tok_emb.weight.dtype
     cache = KVCache.for_model(model, Bx, max_len=P + N, dtype=cache_dtype)
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, allowed=allowed)
+    V = model.config.n_out
 
     def mixed(logits):  # [Bx, T, V] → [B, T, V] float (CFG)
         logits = logits.float()
@@ -787,32 +809,38 @@ def _generate_speculative(model: GPT, *, ids, emb, B: int, P: int, num_tokens: i
             logits = uncond + guidance_scale * (cond - uncond)
         return logits
 
-    def plogp(logits):  # [B, T, V] → processed log-probs [B, T, V]
+    def cands(logits):  # [B, T, V] → candidates: log-probs [B, T, C], ids [B, T, C]
         b, t, v = logits.shape
         al = allowed.repeat_interleave(t, dim=0) if isinstance(allowed, torch.Tensor) and allowed.dim() == 2 \
             else allowed
-        return _processed_logprobs(logits.reshape(b * t, v), **{**kw, "allowed": al}).reshape(b, t, v)
+        lp, ix = _candidates(logits.reshape(b * t, v), **{**kw, "allowed": al})
+        return lp.view(b, t, -1), ix.view(b, t, -1)
+
+    vkeys = _index_keys(torch.arange(L * V, device=dev))  # [L*V]: (slot, id) → key, shared by every row
+    slots = torch.arange(L, device=dev)
+
+    def draw(it: int, purpose: int, lp: torch.Tensor, ix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gumbel-max draw per (row, slot) from candidates lp/ix [B, n, C] → (ids [B, n], their log-probs)."""
+        rk = _row_keys(seeds, _SJD_STEP + 4 * it + purpose)  # [B]
+        keys = vkeys[ix + (slots[:ix.shape[1], None] * V)]  # [B, n, C]
+        u = ((hash32(rk[:, None, None] ^ keys) >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
+        j = (lp - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)  # [B, n, 1]
+        return ix.gather(2, j)[..., 0], lp.gather(2, j)[..., 0]
 
     out = torch.full((B, N), pad_id, dtype=torch.long, device=dev)
     rows = torch.arange(B, device=dev)
-    slots = torch.arange(L, device=dev)
     with autocast(dev, amp_dtype):
-        lp0 = plogp(mixed(model(ids, emb, cache=cache, start_pos=0, logits_start=-1)))[:, 0]  # [B, V]
-    V = lp0.shape[-1]
-    vkeys = _index_keys(torch.arange(L * V, device=dev))  # [L*V]: (slot, id) → key, shared by every row
-
-    def noise(it: int, purpose: int, n_slots: int) -> torch.Tensor:  # [B, n_slots, V] Gumbel
-        rk = _row_keys(seeds, _SJD_STEP + 4 * it + purpose)
-        return _gumbel_from_keys(rk, vkeys[:n_slots * V]).view(B, n_slots, V)
-
+        lp0, ix0 = cands(mixed(model(ids, emb, cache=cache, start_pos=0, logits_start=-1)))  # [B, 1, C]
+    C = lp0.shape[-1]
     # token 0: an exact draw from the prefill's distribution; guesses for 1 … L-1 drawn from it as well
-    tok0 = (lp0 + noise(0, 1, 1)[:, 0]).argmax(dim=-1)  # [B]
+    tok0 = draw(0, 1, lp0, ix0)[0][:, 0]  # [B]
     out[:, 0] = tok0
-    lq = lp0[:, None].expand(B, L - 1, V).contiguous()  # [B, L-1, V] the distributions of the guesses
-    draft = (lq + noise(0, 2, L - 1)).argmax(dim=-1)  # [B, L-1]
+    lq, iq = lp0.expand(B, L - 1, C).contiguous(), ix0.expand(B, L - 1, C).contiguous()  # guesses' distributions
+    draft, lq_d = draw(0, 2, lq, iq)  # [B, L-1] guesses and log q(guess)
     n = torch.ones(B, dtype=torch.long, device=dev)  # tokens fixed per row
     row_iters = torch.zeros(B, dtype=torch.long, device=dev)  # forwards each row needed
     last = tok0
+    q_dense = torch.zeros(B, L - 1, V, device=dev)  # scratch: q scattered over the vocabulary
     it = 0
     while True:
         if bool((n >= N).all()):
@@ -825,18 +853,20 @@ def _generate_speculative(model: GPT, *, ids, emb, B: int, P: int, num_tokens: i
         if doubled:
             feed, pos = torch.cat([feed, feed]), torch.cat([pos, pos])
         with autocast(dev, amp_dtype):
-            lp = plogp(mixed(model(feed, cache=cache, start_pos=pos, logits_start=0)))  # [B, L, V]
-        # verify guesses: slot j's guess (token n+j) against p_j = lp[:, j]
-        lp_d = lp[:, :L - 1].gather(2, draft[:, :, None])[:, :, 0]  # [B, L-1]
-        lq_d = lq.gather(2, draft[:, :, None])[:, :, 0]
+            lp, ix = cands(mixed(model(feed, cache=cache, start_pos=pos, logits_start=0)))  # [B, L, C]
+        # verify guesses: slot j's guess (token n+j) against p_j = (lp[:, j], ix[:, j]); p(guess) = 0 off-candidates
+        hit = ix[:, :L - 1] == draft[:, :, None]  # [B, L-1, C]
+        lp_d = torch.where(hit, lp[:, :L - 1], float("-inf")).amax(dim=2)  # [B, L-1]
         u = uniform_noise(seeds, _SJD_STEP + 4 * it, slots[:L - 1])  # [B, L-1]
         ok = torch.log(u) < lp_d - lq_d
         r = torch.where(ok.all(dim=1), L - 1, (~ok).long().argmax(dim=1))  # first rejection (L-1: none)
-        # the token at slot r: from norm(max(0, p - q)) after a rejection, from p after L-1 acceptances
-        res = (lp[:, :L - 1].exp() - lq.exp()).clamp_min(0.0)  # [B, L-1, V]
+        # the token at slot r: from norm(max(0, p - q)) after a rejection, from p after L-1 acceptances;
+        # max(0, p - q) lives on p's candidates: q at those ids through a dense scatter of q
+        q_dense.zero_().scatter_(2, iq, lq.exp())
+        p = lp[:, :L - 1].exp()
+        res = (p - q_dense.gather(2, ix[:, :L - 1])).clamp_min(0.0)  # [B, L-1, C]
         res_lp = torch.where(res.sum(-1, keepdim=True) > 1e-12, res.log(), lp[:, :L - 1])
-        fix_lp = torch.cat([res_lp, lp[:, L - 1:]], dim=1)  # [B, L, V]
-        fixed = (fix_lp + noise(it, 1, L)).argmax(dim=-1)  # [B, L]
+        fixed = draw(it, 1, torch.cat([res_lp, lp[:, L - 1:]], dim=1), ix)[0]  # [B, L]
         new = torch.where(slots[None] < r[:, None], torch.cat([draft, draft[:, :1]], dim=1), fixed)  # [B, L]
         a = torch.minimum(r + 1, (N - n).clamp_min(0))  # tokens gained, capped at the end
         keep = slots[None] < a[:, None]  # [B, L]
@@ -844,9 +874,9 @@ def _generate_speculative(model: GPT, *, ids, emb, B: int, P: int, num_tokens: i
         out[rows[:, None].expand(B, L)[keep], col[keep]] = new[keep]
         last = torch.where(a > 0, new.gather(1, (a - 1).clamp_min(0)[:, None])[:, 0], last)
         # next guesses: token n' + k drawn from this forward's distribution at slot min(a + k, L-1)
-        src = (a[:, None] + slots[None, :L - 1]).clamp_max(L - 1)  # [B, L-1]
-        lq = lp.gather(1, src[:, :, None].expand(B, L - 1, V))
-        draft = (lq + noise(it, 2, L - 1)).argmax(dim=-1)
+        src = (a[:, None] + slots[None, :L - 1]).clamp_max(L - 1)[:, :, None].expand(B, L - 1, C)  # [B, L-1, C]
+        lq, iq = lp.gather(1, src), ix.gather(1, src)
+        draft, lq_d = draw(it, 2, lq, iq)
         n = n + a
     if stats is not None:  # tokens per decode forward (the prefill's token not counted), mean over rows
         stats.update(forwards=it + 1, rows=B, num_tokens=N,

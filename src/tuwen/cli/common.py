@@ -197,19 +197,7 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
 
 
 
-def sanitize_name(s, maxlen: int = 80) -> str:
-    """A safe file-name part from user text (idx values): no path separators, no dot-files, no NUL, bounded
-    length. When this changes the text (``a/b``, ``a b``, ``a?b`` all give ``a_b``; ``..``, ``.`` and empty give
-    ``row``), a short hash of the raw text is appended, so that different idx values never share a name."""
-    import hashlib
-    import re
-
-    raw = str(s)
-    name = re.sub(r"[^\w\-.]+", "_", raw, flags=re.UNICODE).strip("._") or "row"
-    if name != raw or len(name) > maxlen:
-        h = hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
-        name = f"{name[:maxlen - 9]}_{h}"
-    return name
+from ..fileio import sanitize_name  # noqa: E402,F401  (file names of idx values; retrieval matches them)
 
 
 class ImageWriter:

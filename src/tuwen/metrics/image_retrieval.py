@@ -100,6 +100,17 @@ def _read(path, match: str, report: BadRowReport, max_images: int | None, **set_
     return keys, images
 
 
+def _reference_key(k: str, known: set, by_name: dict) -> str:
+    """The reference idx a generated image's key stands for: itself, its file-name form, or either without the
+    ``_{k}`` suffix of predict's numbered outputs."""
+    for cand in (k, re.sub(r"_\d+$", "", k)):
+        if cand in known:
+            return cand
+        if cand in by_name:
+            return by_name[cand]
+    return k
+
+
 def rank_summary(ranks: np.ndarray, n_correct: np.ndarray, n_candidates: int) -> dict:
     return {"R@1": float(np.mean(ranks <= 1)), "R@5": float(np.mean(ranks <= 5)),
             "mean_rank": float(ranks.mean()), "chance@1": float(np.mean(n_correct / n_candidates))}
@@ -114,9 +125,11 @@ def retrieval_eval(generated, reference, match: str = "idx", size: int = 32, max
     rkeys, rimgs = _read(reference, match, rep_r, None, **set_kw)
     gkeys, gimgs = _read(generated, match, rep_g, max_images, **set_kw)
     known = set(rkeys)
-    # predict --output_dir names images {idx}_{k}.png: such a stem also matches the reference idx
+    # predict --output_dir names images {sanitize_name(idx)}_{k}.png: such a stem also matches the reference idx
+    # (an idx such as animals/birds/crow is written animals_birds_crow_<hash>)
     if match == "idx":
-        gkeys = [k if k in known else re.sub(r"_\d+$", "", k) for k in gkeys]
+        by_name = {sanitize_name(k): k for k in known}
+        gkeys = [_reference_key(k, known, by_name) for k in gkeys]
     matched = [i for i, k in enumerate(gkeys) if k in known]
     if not rimgs or not matched:
         raise TuwenError(f"--retrieval: no generated image has a reference with the same {match} "

@@ -38,6 +38,8 @@ EASYNLP_MODEL_TYPES = easynlp_t2i.MODEL_TYPES
 
 # the GPT's own sizes; its vocab_size, block_size and n_out follow from the text→image fields
 GPT_ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "embd_pdrop", "resid_pdrop", "attn_pdrop")
+# CogView's options for stable low-precision training of deep GPTs (GPTConfig fields; off by default)
+GPT_STABILITY_FIELDS = ("sandwich_ln", "pb_relax")
 # the sampling settings text→image uses (the others are captioning's)
 SAMPLING_FIELDS = ("top_k", "top_p", "temperature", "guidance_scale")
 
@@ -75,8 +77,9 @@ class TextToImageConfig(BaseConfig):
 
     @classmethod
     def build(cls, **kwargs) -> "TextToImageConfig":
-        """Config fields plus the GPT's width/depth (``GPT_ARCH_FIELDS``) as flat keyword arguments."""
-        arch = {k: kwargs.pop(k) for k in GPT_ARCH_FIELDS if k in kwargs}
+        """Config fields plus the GPT's width/depth (``GPT_ARCH_FIELDS``) and CogView's Sandwich-LN / PB-relax
+        (``GPT_STABILITY_FIELDS``) as flat keyword arguments."""
+        arch = {k: kwargs.pop(k) for k in GPT_ARCH_FIELDS + GPT_STABILITY_FIELDS if k in kwargs}
         config = cls(**kwargs)
         config.gpt = config.sized_gpt(**arch)
         config.validate()

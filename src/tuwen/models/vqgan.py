@@ -583,15 +583,19 @@ class VQGAN(PretrainedModel):
         """Codes [B, h, w] or [B, h*w] (tensor / numpy / list) → images, float32 NCHW in [-1, 1] (clamped).
 
         The decoder runs in fp32 even inside a caller's autocast; ``dtype=torch.bfloat16`` runs it under bf16
-        autocast instead (about as accurate for viewing, faster on GPUs). ``grid``: (h, w) for flat codes when the
-        length is neither the config's grid nor a square.
+        autocast instead (faster on GPUs, and 2.5–3.4× on CPUs with AVX512-BF16/AMX; pixels within a few levels
+        of fp32, see README "Speed"). ``grid``: (h, w) for flat codes when the length is neither the config's
+        grid nor a square. On CPU the latents go in channels-last (NHWC), oneDNN's fast convolution layout
+        (1.3× at 256 px in fp32; same values up to float rounding, < 0.01 of a pixel level).
         """
         codes = self._codes_to_grid(codes, grid)
         out = []
         for chunk in codes.split(batch_size or max(1, codes.shape[0])):
             with autocast(chunk.device, dtype or torch.float32):
                 z_q = self.quantize.embed(chunk).to(self._param_dtype())
-                out.append(self.decode_latent(z_q).float().clamp_(-1.0, 1.0))
+                if z_q.device.type == "cpu":
+                    z_q = z_q.contiguous(memory_format=torch.channels_last)  # the convs keep NHWC throughout
+                out.append(self.decode_latent(z_q).float().clamp_(-1.0, 1.0).contiguous())
         return torch.cat(out) if out else torch.empty(0, self.config.out_ch, 0, 0, device=self.device)
 
     def decode_to_pil(self, codes, grid: Sequence[int] | None = None, batch_size: int | None = None,

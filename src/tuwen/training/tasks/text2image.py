@@ -22,7 +22,8 @@ from ...data.tables import BadRow, RowDataset, check_columns, open_source
 from ...convert.taming import load_vqgan
 from ...errors import TuwenError
 from ...models.gpt import GPT, PRESETS
-from ...models.text2image import SAMPLING_FIELDS, TextToImage, TextToImageConfig, image_logits
+from ...models.text2image import GPT_STABILITY_FIELDS, SAMPLING_FIELDS, TextToImage, TextToImageConfig, \
+    image_logits
 from ...models.vqgan import VQGAN
 from ...sampling import SamplingParams
 from ...text.tokenizer import TextTokenizer
@@ -107,6 +108,10 @@ class T2ITask(Task):
                 if udp[k] is not None and udp[k] != getattr(cfg, ck):
                     raise TuwenError(f"--user_defined_parameters {k}={udp[k]} does not match the pretrained model "
                                      f"{pre} ({ck}={getattr(cfg, ck)})")
+            for k in GPT_STABILITY_FIELDS:  # an architecture choice: the pretrained model has it or not
+                if udp.get(k) is not None and bool(udp[k]) != getattr(cfg.gpt, k):
+                    raise TuwenError(f"--user_defined_parameters {k}={udp[k]}: the pretrained model {pre} has "
+                                     f"{k}={getattr(cfg.gpt, k)}; it is part of the architecture (drop the key)")
             drop = _cfg_drop_prob(udp)
             config = cfg.replace(cfg_drop_prob=drop) if drop is not None else cfg
             given = {k: udp[k] for k in SAMPLING_FIELDS if udp.get(k) is not None}
@@ -242,7 +247,8 @@ def _scratch_config(udp: dict, vqgan: VQGAN, tokenizer: TextTokenizer, size: int
         text_len=udp["text_len"] or 32, img_len=img_len, img_vocab_size=vqgan.config.n_embed,
         text_vocab_size=text_vocab, image_size=size, n_layer=udp["n_layer"] or nl, n_head=udp["n_head"] or nh,
         n_embd=udp["n_embd"] or ne, embd_pdrop=drop, resid_pdrop=drop, attn_pdrop=drop,
-        cfg_drop_prob=cfg_drop, sampling=default_sampling(udp, cfg_drop))
+        cfg_drop_prob=cfg_drop, sampling=default_sampling(udp, cfg_drop),
+        **{k: bool(udp.get(k)) for k in GPT_STABILITY_FIELDS})
 
 
 #: generation defaults of a model trained with classifier-free guidance: the settings the demo model's
