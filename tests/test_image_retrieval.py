@@ -83,3 +83,39 @@ def test_match_by_text_and_folders(refs, tmp_path, capsys):
 def test_random_net_is_fixed():
     a, b = random_feature_net(), random_feature_net()
     assert all((p == q).all() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_folder_names_of_path_like_idx_match_their_reference(tmp_path):
+    """predict --output_dir writes ``{sanitize_name(idx)}_{k}.png``; an idx such as ``animals/birds/crow`` (the
+    stamps set) becomes ``animals_birds_crow_<hash>_0.png`` and must still find its reference."""
+    from tuwen.fileio import sanitize_name
+
+    rows = []
+    for i in range(12):
+        img, text = synth.make_sample(i, size=32)[:2]
+        rows.append((f"animals/birds/b{i}", text, np.asarray(img.convert("RGB"))))
+    ref = tmp_path / "ref.tsv"
+    ref.write_text("".join(f"{k}\t{t}\t{_b64(a)}\n" for k, t, a in rows), encoding="utf-8")
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for k, _, a in rows:
+        Image.fromarray(a).save(gen / f"{sanitize_name(k)}_0.png")
+    res = retrieval_eval(gen, ref)
+    assert res["unmatched"] == 0 and res["n_queries"] == 12
+    assert res["pixel"]["R@1"] == 1.0
+
+
+def test_random_feature_fd_is_zero_on_itself_and_grows_with_noise(refs):
+    """``--features random:SEED``: a relative FD in the fixed random-CNN space (nothing downloaded)."""
+    from tuwen.errors import TuwenError
+    from tuwen.metrics.image import evaluate_images, load_feature_extractor
+
+    d, rows = refs
+    rng = np.random.default_rng(1)
+    noisy = d / "noisy.tsv"
+    noisy.write_text("".join(f"{k}\t{t}\t{_b64(_noisy(a, rng, 60))}\n" for k, t, a in rows), encoding="utf-8")
+    same = evaluate_images(d / "ref.tsv", d / "ref.tsv", "random:0")
+    far = evaluate_images(noisy, d / "ref.tsv", "random:0")
+    assert abs(same["fd"]) < 1e-6 and far["fd"] > 1e-3
+    with pytest.raises(TuwenError, match="integer seed"):
+        load_feature_extractor("random:x")

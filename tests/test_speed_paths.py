@@ -156,7 +156,8 @@ def _exact_sequence_probs(m, pre, n_tok, **kw):
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=1.0, top_k=None, top_p=None),
-                                dict(temperature=0.8, top_k=3, top_p=None)])
+                                dict(temperature=0.8, top_k=3, top_p=None),
+                                dict(temperature=1.0, top_k=None, top_p=0.8)])
 def test_speculative_same_distribution(kw):
     """Chi-square goodness of fit of 6000 speculative samples of 3 tokens (4 codes: 64 sequences) against the
     exact distribution; the one-by-one sampler passes the same test."""
@@ -182,3 +183,47 @@ def test_speculative_same_distribution(kw):
         z = 3.09
         crit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
         assert chi2 < crit, (spec, chi2, crit, dof)
+
+
+# ------------------------------------------------------------------------------------------ per-step overhead
+
+@pytest.mark.parametrize("kw", [dict(top_k=7), dict(top_p=0.7, temperature=0.8), dict(), dict(top_k=5, allowed=(3, 40)),
+                                dict(top_k=1), dict(allowed=torch.arange(64) % 3 == 0, top_k=9)])
+def test_keyed_picker_equals_sample_tokens(kw):
+    """The decode loop's picker (seed keys and index-key table computed once) draws exactly sample_tokens' tokens,
+    for int steps and per-row step tensors (tuwen.serve)."""
+    from tuwen.sampling import TokenPicker, sample_tokens
+
+    torch.manual_seed(3)
+    B = 6
+    seeds = torch.tensor([0, 1, 2**40 + 5, -3, 77, 123456789])
+    picker = TokenPicker(B, seeds, guidance_scale=None, temperature=kw.get("temperature", 1.0), top_k=kw.get("top_k"),
+                         top_p=kw.get("top_p"), allowed=kw.get("allowed"), eos_id=None, pad_id=0,
+                         return_logprobs=False)
+    fin = torch.zeros(B, dtype=torch.bool)
+    for step in (0, 5, torch.tensor([9]), torch.tensor([1, 2, 3, 4, 5, 6])):
+        logits = torch.randn(B, 64) * 3
+        got, _ = picker(logits, step, fin)
+        if isinstance(step, torch.Tensor) and step.numel() == B:
+            ref = torch.cat([sample_tokens(logits[b:b + 1], seeds[b:b + 1], step[b:b + 1], **kw) for b in range(B)])
+        else:
+            ref = sample_tokens(logits, seeds, step, **kw)
+        assert torch.equal(got, ref), (step, got, ref)
+
+
+# ------------------------------------------------------------------------------------------ VQGAN decode
+
+def test_vqgan_decode_channels_last_matches_nchw():
+    """CPU decode runs channels-last: same images as the NCHW decoder up to float rounding, returned as NCHW."""
+    from tuwen.models.vqgan import VQGAN, VQGANConfig
+
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig.preset("tiny")).eval()
+    codes = torch.randint(0, 512, (3, 4, 4))
+    out = vq.decode(codes)
+    with torch.no_grad():
+        ref = vq.decode_latent(vq.quantize.embed(codes)).clamp(-1, 1)
+    assert out.is_contiguous() and out.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-4)
+    low = vq.decode(codes, dtype=torch.bfloat16)
+    assert low.dtype == torch.float32 and float((low - ref).abs().mean()) < 0.05

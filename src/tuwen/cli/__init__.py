@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "vq": "vq",
     "generate": "generate",
     "complete": "complete",
+    "upscale": "upscale",
     "caption": "caption",
     "convert": "convert",
     "demo": "demo",

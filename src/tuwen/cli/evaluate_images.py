@@ -7,6 +7,8 @@ The feature space is chosen explicitly (nothing is downloaded):
   --features clip:DIR         tuwen CLIP image tower (L2-normalised embeddings)
   --features vqgan:DIR        tuwen VQGAN encoder (pooled pre-quantisation latents)
   --features inception:FILE   FID Inception-v3 from pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+  --features random:SEED      the fixed random CNN of --retrieval (a relative FD: compare against the floor of
+                              the references against themselves, not against published FIDs)
 
 --retrieval: does each generated image retrieve its own reference image (same idx, or --match text: same prompt)
 among all references? R@1/R@5 in pixel space and in a fixed random-CNN feature space (no network to download);
@@ -28,7 +30,7 @@ def add_parser(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generated", required=True, help="folder of images or EasyNLP TSV (gen_imgbase64 / imgbase64)")
     p.add_argument("--reference", default=None, help="folder or TSV of real images (needed for FD/KID)")
-    p.add_argument("--features", default=None, help="clip:DIR | vqgan:DIR | inception:FILE")
+    p.add_argument("--features", default=None, help="clip:DIR | vqgan:DIR | inception:FILE | random:SEED")
     p.add_argument("--clip", default=None, help="a tuwen CLIP folder: also report the CLIP score of --generated")
     p.add_argument("--retrieval", action="store_true",
                    help="self-retrieval R@1/R@5 of generated images among --reference (pixel + random features)")

@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
                         "settings and model (--model overrides the model)")
     p.add_argument("--rerank", default=None, help="clip:DIR or caption:DIR: score the candidates, keep the best")
     p.add_argument("--keep", type=int, default=None, help="with --rerank: how many to keep per prompt")
+    p.add_argument("--super_resolution", "--super-resolution", dest="super_resolution", default=None, metavar="SR_DIR",
+                   help="upscale the images (kept ones, after --rerank) 2× with a token super-resolution model "
+                        "(--app_name=super_resolution)")
     from .cogview import add_flags
     add_flags(p)  # CogView's --input-source/--with-id/--debug/--batch-size/--max-inference-batch-size/…
     p.set_defaults(func=run)
@@ -68,6 +71,10 @@ def run(a: argparse.Namespace) -> int:
     if a.rerank:  # a bad --rerank is found before any image is generated
         from ..rerank import load_scorer, rerank
         scorer = load_scorer(a.rerank)
+    sr = None
+    if a.super_resolution:  # a bad SR folder is found before any image is generated
+        from ..models.superres import SuperRes
+        sr = SuperRes.from_pretrained(a.super_resolution).to(device)
     model_path = a.model
     if model_path is None:
         from ..pipelines import demo_model_path
@@ -95,6 +102,10 @@ def run(a: argparse.Namespace) -> int:
             order, sc = rerank(scorer, prompt, group, keep)
             group, scores = [group[j] for j in order], [float(sc[j]) for j in order]
             records = [records[j] for j in order]
+        if sr is not None:
+            group = sr.upscale(group, prompt, seed=a.seed, keys=[f"{i}-{k}" for k in range(len(group))])
+            records = [{**r, "super_resolution": {"model": str(a.super_resolution), "size": sr.config.image_size}}
+                       for r in records]
         names = writer.write(f"prompt{i:03d}", group, scores, records)
         index.append({"prompt": prompt, "images": names, "grid": writer.last_grid, "records": records,
                       **({"scores": scores} if scores else {})})

@@ -15,6 +15,8 @@ Feature spaces (``load_feature_extractor(spec)``):
   features. Images → [0, 1] → bilinear resize to 299×299 (``align_corners=False``) → [-1, 1], as pytorch-fid's
   ``InceptionV3(resize_input=True, normalize_input=True)``. Values are pytorch-fid-style FID, but the image
   decoding/resizing before the network is tuwen's, so expect small differences against other tools.
+* ``random:SEED`` — the fixed random CNN of ``--retrieval`` (``image_retrieval.random_feature_net``, 2048-d):
+  nothing to download; a relative distance, to be read against the references-against-themselves floor.
 
 Values from different feature spaces (or different ``--size``) are not comparable, and none of the ``clip:`` /
 ``vqgan:`` numbers are comparable to published FID; the output always states the feature network, the sample
@@ -49,6 +51,7 @@ from ..hub import atomic_write_text, load_state_dict_checked, load_torch_file
 from ..models.clip import CLIP
 from ..models.vqgan import VQGAN
 from ..runtime import autocast, resolve_device
+from .features import random_feature_net, random_features
 
 # ----------------------------------------------------------------------------------------------- statistics
 
@@ -363,7 +366,7 @@ def clip_extractor(model, spec: str, batch_size: int = 32) -> FeatureExtractor:
 
 
 def load_feature_extractor(spec: str, device=None, batch_size: int = 32, flag: str = "--features") -> FeatureExtractor:
-    """``clip:DIR`` | ``vqgan:DIR`` | ``inception:FILE`` → FeatureExtractor (see the module docstring)."""
+    """``clip:DIR`` | ``vqgan:DIR`` | ``inception:FILE`` | ``random:SEED`` → FeatureExtractor (see the module docstring)."""
     kind, path = _split_spec(spec, flag)
     dev = resolve_device(device)
     if kind == "clip":
@@ -382,6 +385,17 @@ def load_feature_extractor(spec: str, device=None, batch_size: int = 32, flag: s
         return FeatureExtractor(spec, "tuwen VQGAN encoder (pre-quantisation latents; mean ‖ std over the grid)",
                                 2 * int(vq.config.embed_dim), res,
                                 f"shortest side → {res} px (bicubic) + center crop, scaled to [-1, 1]", fn, batch_size)
+    if kind == "random":   # random:SEED — the fixed random CNN of --retrieval (nothing to download; not FID)
+        try:
+            seed = int(path or 0)
+        except ValueError:
+            raise TuwenError(f"{flag} {spec!r}: random:SEED takes an integer seed, e.g. random:0") from None
+        net = random_feature_net(seed)
+
+        def fn(images):
+            return random_features([np.asarray(to_rgb(im)) for im in images], net).float().numpy()
+        return FeatureExtractor(spec, f"fixed random CNN (seed {seed}), 2048-d", 2048, 64,
+                                "bilinear (antialiased) resize to 64×64", fn, batch_size)
     if kind == "inception":
         if not Path(path).expanduser().is_file():
             raise TuwenError(f"{flag} inception:{path}: no such file (pass pytorch-fid's "
@@ -398,7 +412,8 @@ def load_feature_extractor(spec: str, device=None, batch_size: int = 32, flag: s
             return net(torch.cat(xs)).float().cpu().numpy()     # fp32: the TF graph's BN statistics
         return FeatureExtractor(spec, "FID Inception-v3 (pt_inception-2015-12-05), pool3", 2048, 299,
                                 "bilinear resize to 299×299 (align_corners=False), as pytorch-fid", fn, batch_size)
-    raise TuwenError(f"{flag} {spec!r}: unknown feature network {kind!r}; use clip:DIR, vqgan:DIR or inception:FILE")
+    raise TuwenError(f"{flag} {spec!r}: unknown feature network {kind!r}; use clip:DIR, vqgan:DIR, "
+                     f"inception:FILE or random:SEED")
 
 
 # ----------------------------------------------------------------------------------------------- image sets

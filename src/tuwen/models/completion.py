@@ -44,8 +44,8 @@ from PIL import Image
 
 from ..data.images import open_any_image, resize_crop
 from ..errors import TuwenError
-from ..sampling import as_seeds, generate, gumbel_noise
 from ..runtime import autocast
+from ..sampling import as_seeds, generate, gumbel_noise
 from .gpt import GPT, KVCache
 
 __all__ = ["complete_codes", "code_mask", "load_mask", "box_mask", "extend_canvas", "paste_known",

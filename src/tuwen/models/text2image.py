@@ -398,9 +398,10 @@ class TextToImage(PretrainedModel):
             overrides["image_size"] = overrides.pop("size")
         sampling = {k: overrides.pop(k) for k in SAMPLING_FIELDS if k in overrides}
         mt = read_model_type(path)
-        if mt in EASYNLP_MODEL_TYPES:
+        own = cls.config_class.model_type  # text2image, or a subclass's (superres)
+        if mt in EASYNLP_MODEL_TYPES and own == MODEL_TYPE:
             model = cls._from_easynlp(path, sampling, vqgan_config=vqgan_config, vqgan_path=vqgan_path, **overrides)
-        elif mt == MODEL_TYPE:
+        elif mt == own:
             verify_model_folder(path)
             sizes = {k: overrides.pop(k) for k in ("image_size", "text_len", "img_len") if k in overrides}
             config = cls._read_config(path, **overrides)
@@ -415,8 +416,9 @@ class TextToImage(PretrainedModel):
         else:
             if mt is None:
                 cls._read_config(path)  # no config.json / not JSON: its own message
-            raise TuwenError(f"{path / CONFIG_NAME}: model_type {mt!r} is not a text→image model "
-                             f"(expected {MODEL_TYPE!r} or EasyNLP's 'artist')")
+            expected = f"{own!r} or EasyNLP's 'artist'" if own == MODEL_TYPE else repr(own)
+            raise TuwenError(f"{path / CONFIG_NAME}: model_type {mt!r} is not a "
+                             f"{'text→image' if own == MODEL_TYPE else own} model (expected {expected})")
         model.name_or_path = str(name_or_path)
         model.weights_dtype = weights_dtype  # recorded with generated images (the same weights re-create them)
         model.eval()

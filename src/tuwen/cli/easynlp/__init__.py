@@ -20,6 +20,7 @@ APPS = {
     "image2text_generation": "tuwen.cli.easynlp.captioning",
     "video2text_generation": "tuwen.cli.easynlp.captioning",
     "clip": "tuwen.cli.easynlp.clip",
+    "super_resolution": "tuwen.cli.easynlp.superres",
 }
 
 IGNORED = ("worker_gpu", "worker_count", "master_port", "worker_hosts", "local_rank", "distributed_backend",

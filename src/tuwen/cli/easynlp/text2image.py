@@ -132,6 +132,17 @@ def run_evaluate(args, udp: dict) -> int:
     model = load_for_inference(args.checkpoint_dir, udp, args.device)
     table = [t for t in args.tables.split(",") if t.strip()][-1]
     task = T2ITask(args, udp, config=model.config, tokenizer=model.tokenizer, vqgan=model.vqgan, base=model)
+    result = evaluate_loss(args, task, model, table)
+    if args.metric:
+        if args.metric != "attributes":
+            raise TuwenError(f"--metric {args.metric!r}: tuwen evaluates 'attributes' (synthetic shapes set)")
+        result.update(attribute_accuracy(model, table, args, udp))
+    print(json.dumps(result, ensure_ascii=False, indent=2))
+    return 0
+
+
+def evaluate_loss(args, task, model, table: str) -> dict:
+    """Loss and bits per image token of ``task``'s module around ``model.gpt`` on ``table`` (bad rows reported)."""
     ds = task.dataset([table])
     trainer = Trainer(TrainArgs(checkpoint_dir=args.checkpoint_dir, micro_batch_size=args.micro_batch_size,
                                 device=args.device, num_workers=args.num_workers, strict=args.strict,
@@ -142,12 +153,7 @@ def run_evaluate(args, udp: dict) -> int:
     if trainer.report.count:
         print(trainer.report.summary(total=len(ds)), file=sys.stderr)
         result["bad_rows"] = trainer.report.count
-    if args.metric:
-        if args.metric != "attributes":
-            raise TuwenError(f"--metric {args.metric!r}: tuwen evaluates 'attributes' (synthetic shapes set)")
-        result.update(attribute_accuracy(model, table, args, udp))
-    print(json.dumps(result, ensure_ascii=False, indent=2))
-    return 0
+    return result
 
 
 def attribute_accuracy(model: TextToImage, table: str, args, udp: dict) -> dict:

@@ -177,13 +177,17 @@ class T2ITask(Task):
     def build_module(self, gpt: GPT | None = None) -> T2ITrainModule:
         """The trained module around ``gpt`` (default: a new GPT, with the pretrained weights when finetuning)."""
         c = self.config
-        if gpt is None:
-            gpt = GPT(c.gpt)
-            if self.base is not None:
-                gpt.load_state_dict(self.base.gpt.state_dict())
+        gpt = self.new_gpt() if gpt is None else gpt
         uncond = self.tokenizer.pad_id + c.img_vocab_size
         return T2ITrainModule(gpt, self.vqgan, c.text_len, c.img_vocab_size, uncond, c.cfg_drop_prob,
                               self.udp["pkeep"])
+
+    def new_gpt(self) -> GPT:
+        """A new GPT of the config, with the pretrained model's weights when finetuning."""
+        gpt = GPT(self.config.gpt)
+        if self.base is not None:
+            gpt.load_state_dict(self.base.gpt.state_dict())
+        return gpt
 
     def param_groups(self, module, weight_decay):
         return module.gpt.configure_param_groups(weight_decay)

@@ -1,0 +1,98 @@
+"""Token super-resolution on the synthetic set: checker accuracy and sharpness, SR vs bicubic upsampling.
+
+    python bench/bench_superres.py --sr SR_DIR --t2i T2I_DIR [--n 64]     # generations upscaled 2×
+    python bench/bench_superres.py --ceiling VQGAN_DIR --low 32 --high 64    # what the tokenizer allows
+
+With ``--sr`` / ``--t2i``: ``n`` prompts of seen colour/shape pairs; the text→image model (its image size must be the
+SR model's ``low_size``) draws one image per prompt; each is upscaled 2× by bicubic interpolation and by the SR model
+(same prompt). Reported for low-res, bicubic and SR images: the attribute checker's object/image accuracy and the
+sharpness (mean absolute difference of neighbouring grey levels, horizontal + vertical, 0–255 scale; higher =
+sharper / more edges; real renders at the high size given for reference — VQ artefacts raise it too, so read it
+with the accuracy).
+
+With ``--ceiling``: the checker's accuracy of real renders after a VQGAN round trip at both sizes — the best any
+token model on that tokenizer can reach (a VQGAN trained at one size may tokenize the other poorly).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def sharpness(images) -> float:
+    vals = []
+    for im in images:
+        a = np.asarray(im.convert("L"), np.float32)
+        vals.append(np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean())
+    return round(float(np.mean(vals)), 3)
+
+
+def attrs_list(n: int):
+    from tuwen.data import synth
+    return [synth.sample_attrs(700_000 + i, holdout=synth.DEFAULT_HOLDOUT) for i in range(n)]
+
+
+def acc(images, attrs) -> dict:
+    from tuwen.data import checker
+    s = checker.score(images, attrs)
+    return {"object": round(s["object"], 3), "image": round(s["image"], 3)}
+
+
+def ceiling(vq_dir: str, low: int, high: int, n: int) -> dict:
+    from tuwen.convert.taming import load_vqgan
+    from tuwen.data import synth
+    vq = load_vqgan(vq_dir).eval()
+    attrs = attrs_list(n)
+    out = {}
+    for size in (low, high):
+        real = [synth.render(a, size) for a in attrs]
+        with torch.inference_mode():
+            rt = vq.decode_to_pil(vq.encode(real, size=size))
+        out[f"{size}px"] = {"real": acc(real, attrs), "vq_round_trip": acc(rt, attrs), "grid": vq.grid_size(size)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sr", default=None)
+    ap.add_argument("--t2i", default=None)
+    ap.add_argument("--ceiling", default=None, metavar="VQGAN_DIR")
+    ap.add_argument("--low", type=int, default=32)
+    ap.add_argument("--high", type=int, default=64)
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.ceiling:
+        print(json.dumps(ceiling(a.ceiling, a.low, a.high, a.n)))
+        return
+    if not (a.sr and a.t2i):
+        ap.error("give --sr and --t2i, or --ceiling")
+    from tuwen.data import synth
+    from tuwen.models.superres import SuperRes
+    from tuwen.models.text2image import TextToImage
+    sr, t2i = SuperRes.from_pretrained(a.sr).eval(), TextToImage.from_pretrained(a.t2i).eval()
+    if t2i.config.image_size != sr.config.low_size:
+        raise SystemExit(f"the text→image model draws {t2i.config.image_size} px, the SR model takes "
+                         f"{sr.config.low_size} px")
+    attrs = attrs_list(a.n)
+    prompts = [synth.caption(x) for x in attrs]
+    low = [g[0] for g in t2i.generate(prompts, seed=a.seed)]
+    big = sr.config.image_size
+    bicubic = [im.resize((big, big), Image.BICUBIC) for im in low]
+    up = sr.upscale(low, prompts, seed=a.seed)
+    real = [synth.render(x, big) for x in attrs]
+    res = {"n": a.n, "low": {**acc(low, attrs), "sharpness": sharpness(low)},
+           "bicubic": {**acc(bicubic, attrs), "sharpness": sharpness(bicubic)},
+           "super_resolution": {**acc(up, attrs), "sharpness": sharpness(up)},
+           "real_high": {"sharpness": sharpness(real)}}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
