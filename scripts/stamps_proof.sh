@@ -75,9 +75,11 @@ gen)
   # one image per training prompt: new = the defaults saved with the model (top_k 16, guidance 2.0);
   # old = what the old model saved (EasyNLP's top_k 100, no guidance)
   SAMP=""; [ "$ARM" = old ] && SAMP="--user_defined_parameters=top_k=100 guidance_scale=1.0"
+  # the last training step (as for the captioner): the training prompts are the test here
+  [ -f "$W/t2i_last/model.safetensors" ] || tuwen export "$W/t2i" "$W/t2i_last"
   t tuwen --mode=predict --app_name=text2image_generation --tables="$D/train.tsv" --input_schema=$S \
     --first_sequence=text --outputs="$W/gen_train.tsv" --output_schema=idx,text,gen_imgbase64 \
-    --checkpoint_dir="$W/t2i" --micro_batch_size=32 --random_seed=0 --no_progress ${SAMP:+"$SAMP"}
+    --checkpoint_dir="$W/t2i_last" --micro_batch_size=32 --random_seed=0 --no_progress ${SAMP:+"$SAMP"}
   python - "$W/gen_train.tsv" "$W/grid_gen_train.png" "$D/train.tsv" <<'EOF'
 import json, sys
 from tuwen.data.images import make_grid, open_image
@@ -92,13 +94,16 @@ print("grid (reference | generated, 32 training prompts):", sys.argv[2])
 EOF
   ;;
 capeval)
+  # the last training step, not the best-by-validation folder: the val folders are other kinds of things, so the
+  # val loss stops improving early, while naming the training images needs the whole run
+  [ -f "$W/cap_last/model.safetensors" ] || tuwen export "$W/cap" "$W/cap_last"
   for s in train test; do
     [ -f "$W/cap_$s.tsv" ] || t tuwen --mode=predict --app_name=image2text_generation --tables="$D/$s.tsv" \
       --input_schema=$S --first_sequence=imgbase64 --outputs="$W/cap_$s.tsv" --output_schema=idx,gen_text \
-      --checkpoint_dir="$W/cap" --micro_batch_size=64 --no_progress
+      --checkpoint_dir="$W/cap_last" --micro_batch_size=64 --no_progress
   done
   [ -f "$W/cap_eval_test.json" ] || t tuwen --mode=evaluate --app_name=image2text_generation --tables="$D/test.tsv" \
-    --input_schema=$S --first_sequence=imgbase64 --second_sequence=text --checkpoint_dir="$W/cap" \
+    --input_schema=$S --first_sequence=imgbase64 --second_sequence=text --checkpoint_dir="$W/cap_last" \
     --outputs="$W/cap_eval_test.json" --no_progress ;;
 measure)
   python scripts/vq_reconstruct.py --model "$W/vqgan" --table "$D/test.tsv" --out "$W/recon_test.tsv" \
