@@ -120,3 +120,28 @@ def test_evaluate_uses_the_first_reference(tmp_path, capsys):
     for k in ("eval_loss", "caption_loss", "loss_all_positions"):
         assert listed[k] == pytest.approx(single[k], rel=1e-5), k
     assert listed["eval_loss"] == pytest.approx(listed["caption_loss"], rel=1e-6)  # the default loss
+
+
+def test_evaluate_reports_exact_match(tmp_path, capsys):
+    """``exact_match``: the share of images whose caption is one of their references (spaces ignored)."""
+    _tables(tmp_path)
+    assert _train(tmp_path, tmp_path / "m") == 0
+    capsys.readouterr()
+    assert cli_main(["--mode=evaluate", "--input_schema=idx:str:1,imgbase64:str:1,text:str:1",
+                     "--first_sequence=imgbase64", "--second_sequence=text", f"--checkpoint_dir={tmp_path / 'm'}",
+                     "--micro_batch_size=4", "--app_name=image2text_generation",
+                     f"--tables={tmp_path / 'val.tsv'}"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    ex = res["examples"]   # all 3 images
+    assert len(ex) == res["n_images"] == 3
+    want = sum("".join(e["gen_text"].split()) in {"".join(r.split()) for r in e["references"]} for e in ex) / 3
+    assert res["exact_match"] == pytest.approx(want)
+    # references set to the model's own captions (spaced out, in a JSON list): all exact
+    own = tmp_path / "own.tsv"
+    own.write_text("".join(f"{e['idx']}\t{_b64(COLORS[int(e['idx'])])}\t"
+                           f"{json.dumps(['别的', ' '.join(e['gen_text'])], ensure_ascii=False)}\n" for e in ex),
+                   encoding="utf-8")
+    assert cli_main(["--mode=evaluate", "--input_schema=idx:str:1,imgbase64:str:1,text:str:1",
+                     "--first_sequence=imgbase64", "--second_sequence=text", f"--checkpoint_dir={tmp_path / 'm'}",
+                     "--micro_batch_size=4", "--app_name=image2text_generation", f"--tables={own}"]) == 0
+    assert json.loads(capsys.readouterr().out)["exact_match"] == 1.0

@@ -23,11 +23,15 @@ def test_presets_follow_the_data():
     assert small.text_len == 16 and small.cfg_drop_prob > 0
     # ~40 epochs of the VQGAN, ~60 of the GPT on a small set (with floors)
     assert small.vq_steps == 1520 and small.gpt_steps == 1140
+    # a small set's captioner reads the VQGAN codes (it learns to name the training images; a ViT from scratch
+    # did not in the same CPU time); a large set's trains a ViT
+    assert small.cap["prefix"] == "vqgan"
     tiny_imgs = choose_plan(rows=600, image_side=32, caption_chars=40)
     assert tiny_imgs.size == 32 and tiny_imgs.text_len == 48
     big_cpu = choose_plan(rows=50000, image_side=256, caption_chars=20)
     assert big_cpu.size == 64 and any("128 px with a GPU" in n for n in big_cpu.notes)
     assert big_cpu.gpt["n_layer"] == 8 and big_cpu.gpt["dropout"] == 0 and big_cpu.vq_arch["n_embed"] == 2048
+    assert big_cpu.cap["prefix"] == "vit"
     big_gpu = choose_plan(rows=50000, image_side=256, caption_chars=20, cuda=True)
     assert big_gpu.size == 128 and big_gpu.vq_arch["ch_mult"] == [1, 1, 2, 2, 4]  # f16: 8×8 codes
     mid = choose_plan(rows=5000, image_side=64, caption_chars=100, lpips=("lp.pth", "vgg.pth"))
@@ -47,6 +51,10 @@ def test_recipe_command_prints_the_plan(tmp_path, capsys):
         assert what in out, what
     body = script.read_text()
     assert body.startswith("#!/usr/bin/env bash") and "l2_norm=true" in body and "cfg_drop_prob=0.1" in body
+    assert f"enable_vqgan=true vqgan_ckpt_path={tmp_path / 'r'}/vqgan" in body and "vit_preset" not in body
+    # the checks on the training data run on the last training step, exported as a model folder
+    assert f"tuwen export {tmp_path / 'r'}/cap {tmp_path / 'r'}/cap_last" in body
+    assert f"--checkpoint_dir={tmp_path / 'r'}/t2i_last" in body and "cap_eval_train.json" in body
     assert main(["recipe", str(tmp_path / "d" / "train.tsv"), "--no_probe", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["data"]["image_side"] == 32 and res["plan"]["size"] == 32 and res["expected_seconds"] is None
@@ -56,13 +64,15 @@ def test_recipe_command_prints_the_plan(tmp_path, capsys):
 
 
 @pytest.mark.slow  # seconds on an idle machine, but a 2-thread probe on a loaded 2-core machine can take 10+ s
-def test_timing_probe_runs_each_stage():
+@pytest.mark.parametrize("prefix", ["vqgan", "vit"])
+def test_timing_probe_runs_each_stage(prefix):
     plan = choose_plan(rows=100, image_side=32, caption_chars=6)
     plan = dataclasses.replace(plan, size=16, vq_batch=2, gpt_batch=2, cap_batch=2,
                                vq_arch={"n_embed": 64, "embed_dim": 8, "l2_norm": True, "ch_mult": [1, 2],
                                         "attn_resolutions": []},
                                gpt={"n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.0},
-                               cap={"vit_preset": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.0})
+                               cap={"prefix": prefix, "vit_preset": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 32,
+                                    "dropout": 0.0})
     t = probe(plan, "cpu")
     assert set(t) == {"vq", "t2i", "cap"} and all(v > 0 for v in t.values())
 

@@ -197,7 +197,7 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
 
 
 
-from ..fileio import sanitize_name  # noqa: E402,F401  (file names of idx values; retrieval matches them)
+from ..fileio import sanitize_name  # file names of idx values (in fileio: the retrieval metric matches them)
 
 
 class ImageWriter:

@@ -146,6 +146,10 @@ def evaluate_captions(model: Captioner, source, image_col: str, text_col: str, u
     if not preds:
         raise TuwenError("no image could be captioned (every row was bad)")
     out = caption_metrics(preds, refs)
+    # how often the caption is one of the references, spaces ignored (CJK decodes may be spaced): on the training
+    # images this says whether a small model learned to name them (tuwen recipe's check)
+    squash = lambda t: "".join(str(t).split())  # noqa: E731
+    out["exact_match"] = sum(squash(p) in {squash(r) for r in rs} for p, rs in zip(preds, refs)) / len(preds)
     from ...data.synth import parse_caption
     if all(parse_caption(r[0]) is not None for r in refs):
         from ...data.checker import score_captions
