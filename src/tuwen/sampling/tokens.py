@@ -124,14 +124,23 @@ def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int | torch.T
     token) → Gumbel-max with noise hash(seeds[b], step, vocab index). ``temperature == 0`` or ``top_k == 1``
     is greedy (argmax). No host sync; ``step`` may be a device tensor.
     """
+    logits, idx, lo, greedy = _filter(logits, temperature, top_k, top_p, allowed)
+    if greedy is not None:
+        return greedy
+    index = (torch.arange(logits.shape[-1], device=logits.device) if idx is None else idx) + lo
+    return _pick(logits + gumbel_noise(seeds, step, index), idx, lo)
+
+
+def _filter(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, allowed: Allowed):
+    """The candidates of :func:`sample_tokens`: ``allowed`` → temperature → top-k → top-p. Returns (logits [B, K],
+    their vocabulary indices [B, K] or None when all V remain, the ``allowed`` offset, the greedy choice or None)."""
     logits, lo = _restrict(logits.float(), allowed)
     if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1) + lo
+        return logits, None, lo, logits.argmax(dim=-1) + lo
     if temperature != 1.0:
         logits = logits / temperature
-    V = logits.shape[-1]
-    idx = None  # [B, K] vocabulary indices of the candidates when they are a subset (top-k / sorted)
-    if top_k is not None and top_k < V:
+    idx = None
+    if top_k is not None and top_k < logits.shape[-1]:
         logits, idx = logits.topk(top_k, dim=-1)  # sorted, descending
     if top_p is not None and top_p < 1.0:
         if idx is None:
@@ -139,8 +148,12 @@ def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int | torch.T
         probs = logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the better candidates
         logits = logits.masked_fill(mass_before > top_p, float("-inf"))
-    index = (torch.arange(V, device=logits.device) if idx is None else idx) + lo
-    choice = (logits + gumbel_noise(seeds, step, index)).argmax(dim=-1)  # [B]
+    return logits, idx, lo, None
+
+
+def _pick(noisy: torch.Tensor, idx: torch.Tensor | None, lo: int) -> torch.Tensor:
+    """argmax of logits + Gumbel noise → vocabulary ids [B]."""
+    choice = noisy.argmax(dim=-1)
     return choice + lo if idx is None else idx.gather(1, choice[:, None])[:, 0] + lo
 
 
@@ -150,27 +163,13 @@ def _sample_keyed(logits: torch.Tensor, seed_keys: torch.Tensor, step: int | tor
     """:func:`sample_tokens` with the step-independent work done once per decode: ``seed_keys`` =
     ``_seed_keys(seeds)``, ``table`` = ``_index_table(V)``. Same tokens, about half the small tensor ops per
     step (the per-step cost that dominates small models)."""
-    logits, lo = _restrict(logits.float(), allowed)
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1) + lo
-    if temperature != 1.0:
-        logits = logits / temperature
-    V = logits.shape[-1]
-    idx = None
-    if top_k is not None and top_k < V:
-        logits, idx = logits.topk(top_k, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        if idx is None:
-            logits, idx = logits.sort(dim=-1, descending=True)
-        probs = logits.softmax(dim=-1)
-        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))
-    ikeys = table[lo:lo + V] if idx is None else table[idx + lo]  # [V] or [B, K]
+    logits, idx, lo, greedy = _filter(logits, temperature, top_k, top_p, allowed)
+    if greedy is not None:
+        return greedy
+    ikeys = table[lo:lo + logits.shape[-1]] if idx is None else table[idx + lo]  # [V] or [B, K]
     h = hash32(_step_keys(seed_keys, step)[:, None] ^ ikeys)
     u = ((h >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)  # as uniform_noise
-    choice = (logits - u.log_().neg_().log_()).argmax(dim=-1)  # logits + Gumbel, as gumbel_noise
-    if idx is None:
-        return choice + lo
-    return idx.gather(1, choice[:, None])[:, 0] + lo
+    return _pick(logits - u.log_().neg_().log_(), idx, lo)  # logits + Gumbel, as gumbel_noise
 
 
 # ----------------------------------------------------------------------------------------------- parameters
