@@ -121,6 +121,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="client and server timeout per request (s)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--weights_dtype", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                    help="the server's GPT weights (auto: int8 on CPU, as tuwen generate)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     reqs = [int(x) for x in args.requests.split(",")]
@@ -132,7 +134,8 @@ def main() -> int:
         model = None if args.model == "demo" else str(build_base(Path(tmp))) if args.model == "base" else args.model
         cmd = [sys.executable, "-m", "tuwen", "serve", "--host", "127.0.0.1", "--port", str(args.port),
                "--device", args.device, "--max_batch", str(args.max_batch), "--max_queue", str(args.max_queue),
-               "--timeout", str(args.timeout), "--log_level", "warning"] + (["--model", model] if model else [])
+               "--timeout", str(args.timeout), "--log_level", "warning", "--weights_dtype", args.weights_dtype] + \
+            (["--model", model] if model else [])
         proc = subprocess.Popen(cmd)
         base = f"http://127.0.0.1:{args.port}"
         try:
