@@ -455,3 +455,20 @@ def test_cli_refuses_open_non_loopback_and_bad_options(capsys):
     assert "--api_key" in capsys.readouterr().err
     assert main(["serve", "--max_queue", "2", "--max_n", "4"]) == 2
     assert "--max_queue (2) must be at least --max_n (4)" in capsys.readouterr().err
+
+
+def test_bf16_server_matches_generate_with_bf16_weights(tmp_path):
+    """The README's advice for concurrent users: a bf16 server and `tuwen generate --weights_dtype bf16` agree."""
+    from tuwen.cli import main
+    server = Server(ServeOptions(weights_dtype="bf16", max_batch=4, max_queue=8, max_n=4, timeout=60))
+    url, stop = serve_in_thread(create_app(server))
+    try:
+        wait_ready(url)
+        assert main(["generate", PROMPT, "-n", "2", "--seed", "9", "--out", str(tmp_path), "--device", "cpu",
+                     "--weights_dtype", "bf16"]) == 0
+        st, _, out = jcall(url, "/v1/images/generations", {"prompt": PROMPT, "n": 2, "seed": 9})
+        assert st == 200
+        for k in range(2):
+            assert base64.b64decode(out["data"][k]["b64_json"]) == (tmp_path / f"prompt000_{k}.png").read_bytes()
+    finally:
+        stop()
