@@ -56,7 +56,22 @@ def _pair_texts(texts: Sequence[str] | str, n: int) -> list[str]:
     return texts
 
 
-class ClipScorer:
+class _BatchScorer:
+    """``score(texts, images)``: one text for all images, or one per image; empty input → []. Subclasses score
+    the paired lists in ``_score``."""
+
+    @torch.inference_mode()
+    def score(self, texts: Sequence[str] | str, images: Sequence) -> list[float]:
+        images = list(images)
+        if not images:
+            return []
+        return self._score(_pair_texts(texts, len(images)), images)
+
+    def _score(self, texts: list[str], images: list) -> list[float]:
+        raise NotImplementedError
+
+
+class ClipScorer(_BatchScorer):
     """Cosine similarity (or logit-scaled) of image and text under a tuwen CLIP; texts are encoded once each."""
 
     def __init__(self, model, batch_size: int = 32, logit_scaled: bool = False, name: str = "clip"):
@@ -65,12 +80,7 @@ class ClipScorer:
         self.logit_scaled = logit_scaled
         self.name = name
 
-    @torch.inference_mode()
-    def score(self, texts: Sequence[str] | str, images: Sequence) -> list[float]:
-        images = list(images)
-        if not images:
-            return []
-        texts = _pair_texts(texts, len(images))
+    def _score(self, texts: list[str], images: list) -> list[float]:
         uniq = list(dict.fromkeys(texts))
         dev = self.model.device
         with inference_autocast(dev):
@@ -85,7 +95,7 @@ class ClipScorer:
         return [float(x) for x in cos.cpu()]
 
 
-class CaptionScorer:
+class CaptionScorer(_BatchScorer):
     """CogView's caption score: sum of log p(text tokens | image) from ``Captioner.log_likelihood``."""
 
     def __init__(self, captioner, batch_size: int = 16, name: str = "caption"):
@@ -93,12 +103,7 @@ class CaptionScorer:
         self.batch_size = batch_size
         self.name = name
 
-    @torch.inference_mode()
-    def score(self, texts: Sequence[str] | str, images: Sequence) -> list[float]:
-        images = list(images)
-        if not images:
-            return []
-        texts = _pair_texts(texts, len(images))
+    def _score(self, texts: list[str], images: list) -> list[float]:
         out: list[float] = []
         for i in range(0, len(images), self.batch_size):
             ll = self.captioner.log_likelihood(images[i:i + self.batch_size], texts[i:i + self.batch_size])
