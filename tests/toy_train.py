@@ -72,6 +72,7 @@ class ToyTask(Task):
 def param_digest(module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(unwrap(module).state_dict().items()):
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v  # --fsdp: DTensor shards → the whole tensor
         h.update(k.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())
     return h.hexdigest()
@@ -86,11 +87,13 @@ def main(argv=None):
     p.add_argument("--kill_at", type=int, default=None)
     p.add_argument("--bad_every", type=int, default=0)
     p.add_argument("--gas", type=int, default=1)
+    p.add_argument("--fsdp", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     args = TrainArgs(checkpoint_dir=a.ckpt, learning_rate=1e-2, max_steps=a.max_steps, micro_batch_size=8,
                      gradient_accumulation_steps=a.gas, save_checkpoint_steps=a.save_every, logging_steps=4,
-                     resume=a.resume, num_workers=1, random_seed=7, tensorboard=False, progress=False)
+                     resume=a.resume, num_workers=1, random_seed=7, tensorboard=False, progress=False,
+                     fsdp=a.fsdp)
     task = ToyTask(bad_every=a.bad_every, kill_at=a.kill_at)
     trainer = Trainer(args, task)
     result = trainer.train()

@@ -135,6 +135,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="write TensorBoard logs to CHECKPOINT_DIR/log (default: when tensorboard is installed)")
     t.add_argument("--no_tensorboard", dest="tensorboard", action="store_false")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer states over the processes (FSDP2, "
+                   "per transformer block; bf16 on CUDA); checkpoints become sharded step-N.dcp folders")
     t.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="progress bars even when stderr is not a terminal (default: only on a terminal, rank 0)")
     t.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
@@ -162,6 +165,7 @@ def train_args_from(ns: argparse.Namespace, *, default_lr: float, default_wd: fl
         precision=precision, device=ns.device, num_workers=ns.num_workers,
         strict=getattr(ns, "strict", False), tensorboard=ns.tensorboard,
         max_bad_listed=getattr(ns, "max_bad_listed", 20), compile=ns.compile, progress=ns.progress,
+        fsdp=getattr(ns, "fsdp", False),
     )
     for flag, attr in (("--warmup", "warmup_steps"), ("--save-frequency", "save_checkpoint_epochs")):
         value = getattr(ns, attr, None)

@@ -43,6 +43,7 @@ class TrainArgs:
     tensorboard: bool | None = None        # None: on when tensorboard is installed
     max_bad_listed: int = 20
     compile: bool = False
+    fsdp: bool = False                     # shard model/grads/optimizer over processes (FSDP2; torchrun)
     progress: bool | None = None           # None: tqdm only on a terminal
 
     def validate(self) -> None:

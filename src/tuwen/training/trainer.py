@@ -37,6 +37,7 @@ from .. import runtime as D
 from .checkpoint import (CKPT_DIR, FORMAT, clean_leftovers, latest_valid_checkpoint, list_checkpoints,  # noqa: F401
                          read_checkpoint, write_checkpoint)
 
+from . import fsdp as FS
 from .order import EpochSampler, _lr_lambda, _rng_state, _set_rng_state, _shard_indices, seed_everything  # noqa: F401,E501
 from .task import Task, TrainArgs  # noqa: F401  (re-exported: tuwen.training.trainer.Task)
 
@@ -182,19 +183,39 @@ class Trainer:
         if not a.resume:
             return None
         where = self.ckpt_dir if a.resume == "auto" else Path(a.resume)
+        if a.fsdp:
+            return self._resume_state_fsdp(where)
         if where.is_file():
             return where, read_checkpoint(where)
         found = latest_valid_checkpoint(where, warn=self.log)
+        if found is None and FS.list_dcp(where):
+            raise TuwenError(f"--resume {a.resume}: {where} holds sharded checkpoints (step-N.dcp) written with "
+                             "--fsdp; resume them with --fsdp under torchrun")
         if found is None:
             if a.resume != "auto":
                 raise TuwenError(f"--resume {a.resume}: no checkpoint found there")
             self.log(f"--resume auto: no checkpoint in {self.ckpt_dir / CKPT_DIR}; starting from scratch")
         return found
 
+    def _resume_state_fsdp(self, where: Path) -> tuple[Path, dict] | None:
+        """--fsdp: the named ``step-N.dcp`` folder, or the newest complete one under ``where``."""
+        if where.is_file():
+            raise TuwenError(f"--resume {where}: --fsdp resumes from sharded checkpoints (step-N.dcp folders); "
+                             "this single-file checkpoint resumes without --fsdp")
+        if where.name.endswith(".dcp"):
+            return where, FS.read_trainer_state(where)
+        found = FS.list_dcp(where)
+        if found:
+            return found[-1], FS.read_trainer_state(found[-1])
+        if self.args.resume != "auto":
+            raise TuwenError(f"--resume {self.args.resume}: no sharded checkpoint (step-N.dcp) found there")
+        self.log(f"--resume auto: no checkpoint in {self.ckpt_dir / CKPT_DIR}; starting from scratch")
+        return None
+
     def _wrap(self, module: nn.Module) -> nn.Module:
-        """DDP under torchrun, torch.compile on request."""
+        """DDP under torchrun (not with --fsdp: ``_setup`` sharded the module in place), torch.compile on request."""
         model = module
-        if self.world > 1:
+        if self.world > 1 and not self.args.fsdp:
             model = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=True, find_unused_parameters=getattr(self.task, "find_unused_parameters", False))
@@ -208,6 +229,8 @@ class Trainer:
         seed_everything(a.random_seed)
         module = self.task.build_module().to(self.device)
         module.train()
+        if a.fsdp:
+            FS.shard(module, self.device, self.precision)  # before the optimizer: parameters become DTensors
         self.module = module
         train_ds = self.task.train_dataset()
         val_ds = self.task.val_dataset() if a.do_eval else None
@@ -369,7 +392,8 @@ class Trainer:
         if skip:
             return
         batch = _to_device(batch, self.device)
-        ctx = contextlib.nullcontext() if sync or self.world == 1 else run.model.no_sync()
+        ctx = contextlib.nullcontext() if sync or self.world == 1 else (
+            FS.no_sync(run.module) if self.args.fsdp else run.model.no_sync())
         with ctx:
             with D.autocast(self.device, self.amp_dtype):
                 out = run.model(batch, step=self.step)
@@ -405,7 +429,7 @@ class Trainer:
             run.scaler.unscale_(run.optimizer)
         grad_norm = None
         if a.max_grad_norm and a.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(run.module.parameters(), a.max_grad_norm))
+            grad_norm = FS.as_float(torch.nn.utils.clip_grad_norm_(run.module.parameters(), a.max_grad_norm))
         if run.scaler:
             run.scaler.step(run.optimizer)
             run.scaler.update()
@@ -471,8 +495,11 @@ class Trainer:
             self.log(f"step {self.step}: no usable rows yet; not saving")
             return
         metrics = {}
+        plain = run.module  # --fsdp: an unsharded copy for evaluation, samples and save_model
+        if self.args.fsdp:  # a collective: every rank
+            plain = FS.full_copy(run.module, self.task.build_module, self.device)
         if run.val_ds is not None and len(run.val_ds):
-            metrics = self._evaluate(run.module, run.val_ds)
+            metrics = self._evaluate(plain, run.val_ds)
             shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             self.log(f"eval step {self.step}: {shown}")
             if self._tb:
@@ -485,7 +512,7 @@ class Trainer:
         if better and value is not None:
             self.best = value
         if self.is_main and better:
-            self.task.save_model(unwrap(run.module), self.ckpt_dir)
+            self.task.save_model(unwrap(plain), self.ckpt_dir)
             what = f"best {self.task.best_metric} {value:.4f}" if value is not None else "latest"
             self.log(f"saved model ({what}) to {self.ckpt_dir}")
         self.save_checkpoint(run.module, run.optimizer, run.scheduler, run.scaler)
@@ -525,9 +552,11 @@ class Trainer:
         merged = BadRowReport(self.args.max_bad_listed)
         merged.load_state(self.report.state())
         merged.merge_states(reports)
+        sharded = self.args.fsdp  # model and optimizer are in the DCP shards
         return {
             "format": FORMAT, "version": 1,
-            "module": unwrap(module).state_dict(), "optimizer": optimizer.state_dict(),
+            "module": None if sharded else unwrap(module).state_dict(),
+            "optimizer": None if sharded else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "rng": rngs, "world_size": self.world, "bad_rows": merged.state(), "best": self.best,
@@ -536,7 +565,11 @@ class Trainer:
 
     def save_checkpoint(self, module, optimizer, scheduler, scaler) -> None:
         state = self._checkpoint_state(module, optimizer, scheduler, scaler)
-        if self.is_main:
+        if self.args.fsdp:
+            keep = None if self.args.save_all_checkpoints else self.args.keep_checkpoints
+            path = FS.save(self.ckpt_dir, self.step, module, optimizer, state, keep)
+            self.log(f"saved checkpoint {path}")
+        elif self.is_main:
             keep = None if self.args.save_all_checkpoints else self.args.keep_checkpoints
             path = write_checkpoint(state, self.ckpt_dir, self.step, keep)
             self.log(f"saved checkpoint {path}")
@@ -552,9 +585,12 @@ class Trainer:
                              "resume with the same model settings it was written with") from None
 
     def _load_checkpoint(self, path: Path, st: dict, module, optimizer, scheduler, scaler) -> None:
-        self._load_module_state(module, st, path)
+        if self.args.fsdp:
+            FS.load(path, module, optimizer)
+        else:
+            self._load_module_state(module, st, path)
+            optimizer.load_state_dict(st["optimizer"])
         self.resumed_from = (path, st["step"])
-        optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
@@ -597,7 +633,10 @@ class Trainer:
         found = self._resume_state()
         if found is not None:
             path, st = found
-            self._load_module_state(module, st, path)
+            if self.args.fsdp:
+                FS.load(path, module, None)  # the full weights from the shards, on any number of processes
+            else:
+                self._load_module_state(module, st, path)
             self.step = st["step"]
             self.log(f"evaluating {path} (step {self.step})")
         self.module = module
