@@ -86,8 +86,10 @@ def choose_plan(rows: int, image_side: int, caption_chars: int, cuda: bool = Fal
                      "tuwen downloads nothing")
     # (3) text→image GPT: small and regularised on small sets (dropout, weight decay), classifier-free guidance
     if rows < 2000:
+        # 150 epochs: on the 600-image stamps set 42 epochs left 0.56 bits/code on the training codes and 29 % of
+        # the generated images retrieving their own reference; a small set needs its codes nearly memorised
         gpt = {"n_layer": 4, "n_head": 4, "n_embd": 256, "dropout": 0.1}
-        gpt_wd, epochs = 0.1, 60
+        gpt_wd, epochs = 0.1, 150
     elif rows < 20000:
         gpt = {"n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.1}
         gpt_wd, epochs = 0.05, 30
