@@ -1,9 +1,11 @@
 """Load time and peak memory of a CogView-layout checkpoint (random weights) on CPU, against its size.
 
-    python bench/bench_cogview_load.py --layers 24 --hidden 1792 --dtype bfloat16   # ~1.0 B parameters
+    OMP_NUM_THREADS=1 python bench/bench_cogview_load.py --layers 24 --hidden 1792 --dtype bfloat16  # 1.03 B
 
-Writes a DeepSpeed folder (fp16, as released) + a tiny VQ-VAE + SentencePiece model under --dir, then loads it
-with CogView.from_pretrained in a fresh process and prints wall time and peak RSS (ru_maxrss).
+Writes a DeepSpeed folder (one fp16 ``mp_rank_00_model_states.pt``, as released; CogView's 58,240-row embedding)
++ a small all-zero VQ-VAE with 8192 codes + a tiny SentencePiece model under --dir, loads it with
+``CogView.from_pretrained`` in a fresh process and prints the load time, the weights' size in bytes and the
+process's peak RSS (``ru_maxrss``); deletes the folder afterwards unless --keep.
 """
 from __future__ import annotations
 
@@ -61,13 +63,27 @@ def make(d: Path, layers: int, hidden: int, vocab: int = 58240, npos: int = 1089
     return n
 
 
+def tiny_spm(d: Path) -> Path:
+    """A small SentencePiece model (the text vocabulary does not change the GPT's size: the embedding keeps
+    CogView's 58,240 rows, which any vocabulary of ≤ 50,000 pieces fits)."""
+    import sentencepiece as spm
+
+    corpus = ["一只红色的猫在草地上", "左上角有一个红色的圆形", "右下角有一个蓝色的正方形", "a red cat on the grass",
+              "一个漂亮的女孩", "蓝天白云下的城市", "the quick brown fox", "黄色的三角形和绿色的长方形"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(d / "cog-pretrain"),
+                                   vocab_size=60, model_type="unigram", character_coverage=1.0, minloglevel=2,
+                                   num_threads=1)
+    return d / "cog-pretrain.model"
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/cogview_bench/pretrained")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=1792)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--spm", required=True, help="a SentencePiece .model whose vocabulary fits 58,240 rows")
+    ap.add_argument("--spm", default=None, help="a SentencePiece .model (default: a tiny one written under --dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the written folder (default: delete it at the end)")
     ap.add_argument("--child", action="store_true")
     a = ap.parse_args()
     d = Path(a.dir)
@@ -76,19 +92,31 @@ def main() -> None:
         t = time.perf_counter()
         m = CogView.from_pretrained(d / "cogview" / "cogview-big", tokenizer=a.spm, dtype=getattr(torch, a.dtype))
         dt = time.perf_counter() - t
-        n = sum(p.numel() for p in m.gpt.parameters())
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"loaded {n / 1e9:.3f} B parameters ({a.dtype}: {n * m.gpt.tok_emb.weight.element_size() / 2**30:.2f} GiB) "
-              f"in {dt:.1f} s, peak RSS {peak:.2f} GiB")
+        seen, n, nbytes = set(), 0, 0
+        for p in m.gpt.parameters():  # a tied head counts once
+            if id(p) not in seen:
+                seen.add(id(p))
+                n, nbytes = n + p.numel(), nbytes + p.numel() * p.element_size()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        print(f"loaded {n:,} parameters in {dt:.1f} s; weights in memory ({a.dtype}): {nbytes:,} bytes "
+              f"({nbytes / 2**30:.2f} GiB); peak RSS of the loading process: {peak:,} bytes "
+              f"({peak / 2**30:.2f} GiB, {peak / nbytes:.2f}× the weights)")
         return
+    import shutil
+
     d.mkdir(parents=True, exist_ok=True)
-    from tuwen.text.cogview import SentencePieceTokenizer, pad_vocab_size
-    n_text = SentencePieceTokenizer(a.spm).vocab_size  # the embedding has 8192 + n_text + 27 rows, padded
-    make(d, a.layers, a.hidden, vocab=pad_vocab_size(8192 + n_text + 27))
-    f = d / "cogview" / "cogview-big" / "1" / "mp_rank_00_model_states.pt"
-    print(f"checkpoint {f} ({f.stat().st_size / 2**30:.2f} GiB on disk, fp16)")
-    subprocess.run([sys.executable, __file__, "--child", "--dir", a.dir, "--dtype", a.dtype, "--spm", a.spm,
-                    "--layers", str(a.layers), "--hidden", str(a.hidden)], check=True)
+    try:
+        spm_path = a.spm or str(tiny_spm(d))
+        t = time.perf_counter()
+        n = make(d, a.layers, a.hidden)
+        f = d / "cogview" / "cogview-big" / "1" / "mp_rank_00_model_states.pt"
+        print(f"wrote {f}: {n:,} parameters, {a.layers} layers × {a.hidden} hidden, {f.stat().st_size:,} bytes on "
+              f"disk (fp16, CogView's layout) in {time.perf_counter() - t:.0f} s")
+        subprocess.run([sys.executable, __file__, "--child", "--dir", a.dir, "--dtype", a.dtype, "--spm", spm_path,
+                        "--layers", str(a.layers), "--hidden", str(a.hidden)], check=True)
+    finally:
+        if not a.keep:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

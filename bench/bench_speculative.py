@@ -62,7 +62,7 @@ def main():
     ap.add_argument("--models", default="demo,base")
     ap.add_argument("--ks", default="2,4,8")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--weights", default="auto", help="fp32|bf16|int8|auto (auto: the CPU default)")
+    ap.add_argument("--weights", default="auto", help="fp32|bf16|int8|w8a8|auto (auto: the CPU default)")
     ap.add_argument("--top-k", type=int, default=100, help="base model's top_k")
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()

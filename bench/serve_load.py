@@ -121,7 +121,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="client and server timeout per request (s)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--port", type=int, default=8765)
-    ap.add_argument("--weights_dtype", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+    ap.add_argument("--weights_dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "w8a8"],
                     help="the server's GPT weights (auto: int8 on CPU, as tuwen generate)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]

@@ -36,9 +36,9 @@ class ToyData:
 
 
 class ToyModule(nn.Module):
-    def __init__(self):
+    def __init__(self, dropout=0.1):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, 1))
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, 1))
 
     def forward(self, batch, step=0):
         pred = self.net(batch["x"]).squeeze(-1)
@@ -48,11 +48,11 @@ class ToyModule(nn.Module):
 class ToyTask(Task):
     name = "toy"
 
-    def __init__(self, n=96, bad_every=0, kill_at=None):
-        self.n, self.bad_every, self.kill_at = n, bad_every, kill_at
+    def __init__(self, n=96, bad_every=0, kill_at=None, dropout=0.1):
+        self.n, self.bad_every, self.kill_at, self.dropout = n, bad_every, kill_at, dropout
 
     def build_module(self):
-        return ToyModule()
+        return ToyModule(self.dropout)
 
     def train_dataset(self):
         return ToyData(self.n, self.bad_every)
@@ -88,17 +88,30 @@ def main(argv=None):
     p.add_argument("--bad_every", type=int, default=0)
     p.add_argument("--gas", type=int, default=1)
     p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--fsdp_cpu_offload", action="store_true")
+    p.add_argument("--micro_batch_size", type=int, default=8)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--dump_state", action="store_true", help="rank 0 writes the full model+optimizer state")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    args = TrainArgs(checkpoint_dir=a.ckpt, learning_rate=1e-2, max_steps=a.max_steps, micro_batch_size=8,
+    args = TrainArgs(checkpoint_dir=a.ckpt, learning_rate=1e-2, max_steps=a.max_steps,
+                     micro_batch_size=a.micro_batch_size,
                      gradient_accumulation_steps=a.gas, save_checkpoint_steps=a.save_every, logging_steps=4,
                      resume=a.resume, num_workers=1, random_seed=7, tensorboard=False, progress=False,
-                     fsdp=a.fsdp)
-    task = ToyTask(bad_every=a.bad_every, kill_at=a.kill_at)
+                     fsdp=a.fsdp, fsdp_cpu_offload=a.fsdp_cpu_offload)
+    task = ToyTask(bad_every=a.bad_every, kill_at=a.kill_at, dropout=a.dropout)
     trainer = Trainer(args, task)
+    made, make = [], trainer._make_optimizer  # remember the run's optimizer (the first one made) for --dump_state
+    trainer._make_optimizer = lambda module: made.append(make(module)) or made[-1]
     result = trainer.train()
     # every rank writes the digest of its own in-memory weights and its bad-row count
     Path(a.ckpt, f"digest-rank{D.rank()}.txt").write_text(param_digest(trainer.module))
+    if a.dump_state:  # the full (gathered) weights and optimizer state, keyed by parameter name (a collective)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        model_sd, optim_sd = get_state_dict(trainer.module, made[0],
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if D.is_main():
+            torch.save({"model": model_sd, "optim": optim_sd}, Path(a.ckpt, "full_state.pt"))
     if D.is_main():
         Path(a.ckpt, "bad_rows.txt").write_text(str(result["bad_rows"]))
     D.cleanup()

@@ -16,6 +16,7 @@ from .data import checker
 from .data.synth import parse_caption
 from .models.quant import resolve_weights_dtype
 from .models.text2image import TextToImage
+from .models.vqgan import resolve_vq_dtype
 from .pipelines import DEMO_DIR, demo_model_path  # noqa: F401  (DEMO_DIR: part of this module's interface)
 from .runtime import init_distributed
 
@@ -83,13 +84,14 @@ UNSEEN_TEXT = ("this colour/shape pair (e.g. a blue square) never appears in the
 
 def run_demo(out: str | Path = "tuwen_demo", n: int = 4, seed: int = 0, prompts: list[str] | None = None,
              model_path: str | Path | None = None, device: str = "auto", weights_dtype: str | None = "auto",
-             speculative: int | None = None) -> dict:
+             speculative: int | None = None, vq_dtype: str | None = None) -> dict:
     """Generate ``n`` images per demo prompt, write them with grids + index.html, score them with the checker."""
     t0 = time.time()
     prompts = prompts or DEMO_PROMPTS
     dev = init_distributed(device)
     model = TextToImage.from_pretrained(model_path or demo_model_path(),
-                                        weights_dtype=resolve_weights_dtype(weights_dtype, dev)).to(dev)
+                                        weights_dtype=resolve_weights_dtype(weights_dtype, dev),
+                                        vq_dtype=resolve_vq_dtype(vq_dtype, dev, "--vq_dtype")).to(dev)
     warnings = [w for p in prompts for w in model.prompt_warnings(p)]
     heldout = set()
     meta = Path(model_path or demo_model_path()) / "demo.json"

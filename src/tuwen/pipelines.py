@@ -59,6 +59,8 @@ TEXT2IMAGE_PARAMS: dict[str, Param] = {
     "cfg_drop_prob": Param(float, None, "classifier-free guidance training: probability of dropping the text"),
     "null_cond_prob": Param(float, None, "alias of cfg_drop_prob (DALLE-pytorch name)"),
     "pkeep": Param(float, 1.0, "probability of keeping each input image code (taming's corruption trick)"),
+    "txt_loss_scale": Param(float, None, "CogView's --txt-loss-scale: weight of the text-token loss; only for "
+                                         "CogView-format models (their head covers the text vocabulary; default 1)"),
     "max_generated_num": Param(int, 1, "images per prompt (predict)"),
     "top_k": Param(int, None, "sampling: keep the k most likely codes (1 = greedy; default from the model)"),
     "top_p": Param(float, None, "sampling: nucleus probability mass"),
@@ -67,8 +69,10 @@ TEXT2IMAGE_PARAMS: dict[str, Param] = {
     "do_eval": Param(bool, True, "evaluate on the validation table while training"),
     "eval_num": Param(int, 64, "evaluate --metric attributes: prompts to generate for"),
     "seed": Param(int, None, "sampling seed (default: --random_seed)"),
-    "weights_dtype": Param(str, None, "predict/evaluate/pipeline: GPT Linear weights fp32 | bf16 | int8 "
+    "weights_dtype": Param(str, None, "predict/evaluate/pipeline: GPT Linear weights fp32 | bf16 | int8 | w8a8 "
                                       "(default auto: int8 on CPU, as loaded on GPU)"),
+    "vq_dtype": Param(str, None, "predict/pipeline: VQGAN decode dtype fp32 | bf16 | auto (default fp32; auto: bf16 "
+                                 "on CUDA and CPUs with AVX512-BF16/AMX); recorded in each PNG"),
 }
 
 
@@ -89,7 +93,9 @@ def load_text2image(path: str, udp: dict, device: str = "auto"):
         sizes = {}  # a tuwen folder records its sizes: checked below instead
     from .models.quant import resolve_weights_dtype
     wd = resolve_weights_dtype(udp.get("weights_dtype"), dev, "weights_dtype")
-    model = TextToImage.from_pretrained(path, **kw, **sizes, weights_dtype=wd)
+    from .models.vqgan import resolve_vq_dtype
+    vd = resolve_vq_dtype(udp.get("vq_dtype"), dev, "vq_dtype")
+    model = TextToImage.from_pretrained(path, **kw, **sizes, weights_dtype=wd, vq_dtype=vd)
     cfg = model.config
     for k, ck in (("text_len", "text_len"), ("img_len", "img_len"), ("size", "image_size"),
                   ("img_vocab_size", "img_vocab_size")):
@@ -146,10 +152,11 @@ class TextToImagePipeline:
             print(f"warning: {w}", file=sys.stderr)
         gen = text2image_sampling(self.model, udp)
         n = udp["max_generated_num"]
-        images = self.model.generate(prompts, num_images_per_prompt=n, seed=seed, **gen)
+        vd = udp.get("vq_dtype")  # None: as loaded (the model's)
+        images = self.model.generate(prompts, num_images_per_prompt=n, seed=seed, vq_dtype=vd, **gen)
         out = []
         for i, (p, group) in enumerate(zip(prompts, images)):
-            records = self.model.records(p, seed, i, n, **gen)
+            records = self.model.records(p, seed, i, n, vq_dtype=vd, **gen)
             out.append({"gen_imgbase64": [base64.b64encode(png_bytes(im, r)).decode("ascii")
                                           for im, r in zip(group, records)],
                         "images": group, "records": records, "warnings": warnings[i],
@@ -206,8 +213,9 @@ class CompletionPipeline:
         for m in warnings:
             print(f"warning: {m}", file=sys.stderr)
         images = self.model.complete(prompt, img, pix, num_images=n, seed=seed, key="complete",
-                                     sweeps=udp["sweeps"], window=window, **gen)
-        records = [{**r, "task": "complete"} for r in self.model.records(prompt, seed, "complete", n, **gen)]
+                                     sweeps=udp["sweeps"], window=window, vq_dtype=udp.get("vq_dtype"), **gen)
+        records = [{**r, "task": "complete"}
+                   for r in self.model.records(prompt, seed, "complete", n, vq_dtype=udp.get("vq_dtype"), **gen)]
         return {"gen_imgbase64": [base64.b64encode(png_bytes(im, r)).decode("ascii") for im, r in zip(images, records)],
                 "images": images, "records": records, "warnings": warnings, "mask": pix}
 

@@ -51,7 +51,7 @@ def test_speculative_greedy_cuda():
     assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("wd", ["bf16", "int8"])
+@pytest.mark.parametrize("wd", ["bf16", "int8", "w8a8"])
 def test_low_precision_weights_cuda(wd):
     m = _model()
     x = torch.randint(0, 612, (2, 20), device="cuda")
@@ -62,3 +62,8 @@ def test_low_precision_weights_cuda(wd):
     assert float((got - ref).abs().max()) < 5e-2 * float(ref.abs().max())
     out = generate(m, prefix_ids=x[:, :16] % 100 + 512, num_tokens=8, seeds=0, top_k=5)
     assert out.shape == (2, 8)
+    if wd == "w8a8":  # _int_mm on CUDA (small batches padded to 17 rows): exact integers, rows independent
+        assert m.blocks[0].mlp[0]._kernel is True, "torch._int_mm was not used on CUDA"
+        one = generate(m, prefix_ids=x[1:2, :16] % 100 + 512, num_tokens=32, seeds=[1], top_k=5)
+        both = generate(m, prefix_ids=x[:, :16] % 100 + 512, num_tokens=32, seeds=[0, 1], top_k=5)
+        assert float((one[0] == both[1]).float().mean()) > 0.9  # fp32 attention kernels may differ with the batch

@@ -42,6 +42,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="CogView folders: attention heads (default hidden size / 64)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="CogView models: weight dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--offload", action="store_true",
+                   help="CogView models on a GPU smaller than the model: weights stay in CPU memory and each "
+                   "transformer block visits the GPU only while it runs (slower; embeddings, head and KV cache "
+                   "stay on the GPU)")
 
 
 def is_cogview_model(path) -> bool:
@@ -59,7 +63,8 @@ def is_cogview_model(path) -> bool:
 
 def wants_cogview_path(a: argparse.Namespace) -> bool:
     return bool(getattr(a, "input_source", None) or getattr(a, "with_id", False) or getattr(a, "debug", False)
-                or getattr(a, "task", None) or is_cogview_model(getattr(a, "model", None)))
+                or getattr(a, "task", None) or getattr(a, "offload", False)
+                or is_cogview_model(getattr(a, "model", None)))
 
 
 # ============================================================================================ queries
@@ -162,14 +167,19 @@ def run(a: argparse.Namespace) -> int:
 
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        model = CogView.from_pretrained(a.model, vqvae=a.vqvae, tokenizer=a.tokenizer, n_head=a.n_head, dtype=dtype)
-        model.gpt.to(device)
-        if model.vqvae is not None:
-            model.vqvae.to(device)
+        model = CogView.from_pretrained(a.model, vqvae=a.vqvae, tokenizer=a.tokenizer, n_head=a.n_head, dtype=dtype,
+                                        device=device if a.offload else None, offload=a.offload)
+        if not a.offload:
+            model.gpt.to(device)
+            if model.vqvae is not None:
+                model.vqvae.to(device)
         task = a.task or model.config.task
         return _run_cogview(a, model, task, out, kw, mbz)
     if a.task not in (None, "text2image"):
         raise TuwenError(f"--generation-task {a.task}: only CogView models do this; this model does text2image")
+    if a.offload:
+        raise TuwenError("--offload is for CogView models (--model COGVIEW_DIR); tuwen's own text→image models fit "
+                         "on the GPU: drop --offload")
     from ..models.text2image import TextToImage
 
     model_path = a.model

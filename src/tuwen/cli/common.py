@@ -138,6 +138,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard weights, gradients and optimizer states over the processes (FSDP2, "
                    "per transformer block; bf16 on CUDA); checkpoints become sharded step-N.dcp folders")
+    t.add_argument("--fsdp_cpu_offload", action="store_true",
+                   help="with --fsdp: keep the sharded weights, gradients and optimizer states in CPU memory "
+                   "(FSDP2 CPUOffloadPolicy; the optimizer steps on the CPU) — for models whose states do not "
+                   "fit on the GPUs")
     t.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="progress bars even when stderr is not a terminal (default: only on a terminal, rank 0)")
     t.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
@@ -165,7 +169,7 @@ def train_args_from(ns: argparse.Namespace, *, default_lr: float, default_wd: fl
         precision=precision, device=ns.device, num_workers=ns.num_workers,
         strict=getattr(ns, "strict", False), tensorboard=ns.tensorboard,
         max_bad_listed=getattr(ns, "max_bad_listed", 20), compile=ns.compile, progress=ns.progress,
-        fsdp=getattr(ns, "fsdp", False),
+        fsdp=getattr(ns, "fsdp", False), fsdp_cpu_offload=getattr(ns, "fsdp_cpu_offload", False),
     )
     for flag, attr in (("--warmup", "warmup_steps"), ("--save-frequency", "save_checkpoint_epochs")):
         value = getattr(ns, attr, None)
@@ -191,9 +195,12 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--rerank", default=None, help="clip:DIR or caption:DIR: score candidates and keep the best")
     t.add_argument("--keep", type=int, default=None, help="with --rerank: how many candidates to keep per prompt")
     t.add_argument("--metric", default=None, help="evaluate: extra metric, e.g. 'attributes' on the synthetic set")
-    t.add_argument("--weights_dtype", default=None, choices=["auto", "fp32", "bf16", "int8"],
+    t.add_argument("--weights_dtype", default=None, choices=["auto", "fp32", "bf16", "int8", "w8a8"],
                    help="text→image predict/evaluate: GPT Linear weights (default auto: int8 weight-only on CPU, "
                         "as loaded on GPU); same as user_defined_parameters weights_dtype=")
+    t.add_argument("--vq_dtype", default=None, choices=["fp32", "bf16", "auto"],
+                   help="text→image predict: VQGAN decode dtype (default fp32; auto: bf16 on CUDA and CPUs with "
+                        "AVX512-BF16/AMX); recorded in each PNG; same as user_defined_parameters vq_dtype=")
 
 
 # ----------------------------------------------------------------------------------------------- image output

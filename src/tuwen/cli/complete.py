@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--guidance_scale", type=float, default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--vq_dtype", default=None, choices=["fp32", "bf16", "auto"],
+                   help="VQGAN decode dtype (default fp32; bf16 is 2–3× faster on CPUs with AVX512-BF16, within a "
+                        "few levels; auto: bf16 on CUDA and such CPUs, else fp32); recorded in each PNG")
     p.set_defaults(func=run)
 
 
@@ -113,7 +116,9 @@ def run(a: argparse.Namespace) -> int:
     if model_path is None:
         from ..pipelines import demo_model_path
         model_path = demo_model_path()
-    model = TextToImage.from_pretrained(model_path).to(device)
+    from ..models.vqgan import resolve_vq_dtype
+    model = TextToImage.from_pretrained(model_path, vq_dtype=resolve_vq_dtype(a.vq_dtype, device, "--vq_dtype")
+                                        ).to(device)
     size = model.config.image_size
     if extend:
         canvas, mask = extend_canvas(image, size, right=extend.get("right", 0), down=extend.get("down", 0))

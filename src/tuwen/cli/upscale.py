@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--vq_dtype", default=None, choices=["fp32", "bf16", "auto"],
+                   help="VQGAN decode dtype (default fp32; bf16 is 2–3× faster on CPUs with AVX512-BF16, within a "
+                        "few levels; auto: bf16 on CUDA and such CPUs, else fp32); recorded in each PNG")
     p.set_defaults(func=run)
 
 
@@ -38,7 +41,9 @@ def run(a: argparse.Namespace) -> int:
     if not a.text.strip():
         raise TuwenError("--text is empty; describe the image")
     device = init_distributed(a.device)
-    model = SuperRes.from_pretrained(a.model).to(device)
+    from ..models.vqgan import resolve_vq_dtype
+    vq_dtype = resolve_vq_dtype(a.vq_dtype, device, "--vq_dtype")
+    model = SuperRes.from_pretrained(a.model, vq_dtype=vq_dtype).to(device)
     kw = {k: getattr(a, k) for k in ("top_k", "top_p", "temperature") if getattr(a, k) is not None}
     from ..models.completion import open_input
     images = [open_input(str(p)) for p in paths]
@@ -47,6 +52,7 @@ def run(a: argparse.Namespace) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     for p, im in zip(paths, out):
         save_png(im, dest / f"{p.stem}_x2.png", {"task": "upscale", "input": str(p), "prompt": a.text, "seed": a.seed,
-                                                 "model": str(a.model), "tuwen": tuwen_version(), **kw})
+                                                 "model": str(a.model), "tuwen": tuwen_version(), **kw,
+                                                 **({"vq_dtype": vq_dtype} if vq_dtype != "fp32" else {})})
     print(f"upscaled {len(out)} image(s) {model.config.low_size} → {model.config.image_size} px into {dest}/")
     return 0

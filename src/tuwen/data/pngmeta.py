@@ -5,7 +5,9 @@ Every PNG tuwen generates carries:
 * ``prompt`` (iTXt, UTF-8): the prompt as given;
 * ``tuwen`` (iTXt): a JSON record — prompt, seed, key (the prompt's index or the row's ``idx``), k (the image's
   number among the prompt's candidates), sampling settings (top_k, top_p, temperature, guidance_scale), model (the
-  folder or name it was loaded from), image_size / text_len / img_len, tuwen's version;
+  folder or name it was loaded from), image_size / text_len / img_len, tuwen's version; when they are not the
+  defaults, ``weights_dtype`` (the GPT's Linear weights) and ``vq_dtype`` (the VQGAN decode dtype, "bf16"; absent =
+  fp32), and ``decode`` ([position, batch size] of the VQGAN decode), so the same pixels can be made again;
 * ``parameters`` (tEXt): the same in one human-readable line.
 
 ``read_png_record(path)`` gives the record back; ``tuwen generate --from-png IMG`` re-creates the image from it.

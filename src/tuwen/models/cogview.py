@@ -159,11 +159,19 @@ class CogView(PretrainedModel):
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, *,
                         vqvae: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
                         n_head: int | None = None, dtype: torch.dtype | None = None, task: str | None = None,
-                        **_ignored) -> "CogView":
+                        offload: bool = False, **_ignored) -> "CogView":
         """A tuwen ``cogview`` folder or CogView's checkpoint folder. ``vqvae``: ``vqvae_hard_biggerset_011.pt``
         (or a tuwen ``vqvae/`` folder); ``tokenizer``: ``cog-pretrain.model``; ``n_head``: attention heads of a
         CogView checkpoint (default hidden/64); ``dtype``: cast the GPT while reading (e.g. torch.bfloat16);
-        ``task``: text2image / image2text / super-resolution (CogView folders: guessed from the folder name)."""
+        ``task``: text2image / image2text / super-resolution (CogView folders: guessed from the folder name).
+        ``offload`` (CogView's ``--offload``, for GPUs smaller than the model): the weights are read into CPU memory
+        (bf16 when ``device`` is CUDA and no ``dtype`` is given) and each transformer block visits ``device`` only
+        while it runs (:mod:`tuwen.models.offload`); embeddings, head, VQ-VAE and the KV cache stay on ``device``
+        (default: auto)."""
+        if offload and dtype is None:
+            from ..runtime import resolve_device
+            if resolve_device(device).type == "cuda":
+                dtype = torch.bfloat16
         path = resolve_model_path(name_or_path, what="CogView model",
                                   expect="config.json (model_type cogview) + model.safetensors, or CogView's "
                                          "latest_checkpointed_iteration.txt + NNN/mp_rank_00_model_states.pt")
@@ -172,7 +180,22 @@ class CogView(PretrainedModel):
         else:
             model = cls._from_tuwen_folder(path, vqvae, tokenizer, dtype, task)
         model.eval()
+        if offload:
+            return model.offload(device)
         return model.to(device) if device is not None else model
+
+    def offload(self, device: str | torch.device | None = None) -> "CogView":
+        """Sequential block offload onto ``device`` (in place; see ``from_pretrained(..., offload=True)``)."""
+        from ..runtime import resolve_device
+        from .offload import offload
+
+        return offload(self, self.gpt.blocks, resolve_device(device))
+
+    @property
+    def offloaded(self) -> bool:
+        from .offload import is_offloaded
+
+        return is_offloaded(self.gpt)
 
     @classmethod
     def _load_vqvae(cls, given, folder: Path, required: bool) -> CogViewVQVAE | None:
@@ -325,7 +348,8 @@ class CogView(PretrainedModel):
                 s = seeds[i:i + mbz]
                 toks = sample_tokens_cached(self.gpt, prefix_ids=prefix.expand(len(s), -1), num_tokens=len(seq) - first,
                                             seeds=s, top_k=p.top_k, top_p=p.top_p, temperature=p.temperature,
-                                            allowed=allowed, forced=forced, amp_dtype=amp_dtype)
+                                            allowed=allowed, forced=forced, amp_dtype=amp_dtype,
+                                            use_cuda_graph=False if self.offloaded else "auto")
                 outs.append(torch.cat([prefix.expand(len(s), -1), toks], dim=1))
         return torch.cat(outs).cpu()
 

@@ -46,6 +46,7 @@ from torch import nn
 from ..config import BaseConfig
 from ..errors import TuwenError
 from ..hub import PretrainedModel
+from .offload import is_offloaded
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS"]
 
@@ -365,6 +366,9 @@ class GPT(PretrainedModel):
             with torch.no_grad():
                 for blk in self.blocks:
                     a = blk.attn
+                    if is_offloaded(blk):  # its weights visit the device only while it runs (models/offload.py)
+                        a._fused_qkv = None
+                        continue
                     if not isinstance(a.query, nn.Linear):  # low-precision layers (models/quant.py) fuse themselves
                         cat = getattr(type(a.query), "cat", None)
                         a._fused_qkv = cat([a.query, a.key, a.value]) if cat is not None else None

@@ -31,7 +31,7 @@ from ..sampling import SamplingParams, generate as sample_codes
 from ..text.tokenizer import TextTokenizer
 from .gpt import GPT, GPTConfig
 from .quant import check_weights_dtype, quantize_weights
-from .vqgan import VQGAN
+from .vqgan import VQGAN, check_vq_dtype, resolve_vq_dtype, vq_torch_dtype
 
 MODEL_TYPE = "text2image"
 EASYNLP_MODEL_TYPES = easynlp_t2i.MODEL_TYPES
@@ -230,11 +230,17 @@ class TextToImage(PretrainedModel):
                             use_cuda_graph=use_cuda_graph, speculative=speculative,
                             amp_dtype=amp_dtype(self.device, self.gpt.tok_emb.weight.dtype))
 
+    def decode_dtype(self, vq_dtype: str | None = None) -> str:
+        """The VQGAN decode dtype ("fp32" or "bf16") ``decode_codes`` uses: ``vq_dtype`` or the model's
+        ``vq_dtype`` (``from_pretrained(vq_dtype=…)``; default fp32), "auto" resolved for the model's device."""
+        return resolve_vq_dtype(vq_dtype or getattr(self, "vq_dtype", None), self.device)
+
     @torch.inference_mode()
-    def decode_codes(self, codes: torch.Tensor) -> list:
-        """Codes [B, img_len] → PIL images (one batched VQGAN decode)."""
+    def decode_codes(self, codes: torch.Tensor, vq_dtype: str | None = None) -> list:
+        """Codes [B, img_len] → PIL images (one batched VQGAN decode, in ``decode_dtype(vq_dtype)``)."""
         h, w = self.grid
-        images = to_pil(self.vqgan.decode(codes.reshape(-1, h, w).to(self.device)))
+        images = to_pil(self.vqgan.decode(codes.reshape(-1, h, w).to(self.device),
+                                          dtype=vq_torch_dtype(self.decode_dtype(vq_dtype))))
         for j, im in enumerate(images):  # where it was decoded: ``regenerate`` decodes the same way (PNG record)
             im.info["tuwen_decode"] = (j, len(images))
         return images
@@ -243,7 +249,8 @@ class TextToImage(PretrainedModel):
     def generate(self, prompts: str | Sequence[str] | None = None, *, text_ids: torch.Tensor | None = None,
                  num_images_per_prompt: int = 1, seed: int | Sequence[int] = 0, keys: Sequence[Any] | None = None,
                  return_codes: bool = False, batch_size: int | None = None, progress: bool | None = False,
-                 use_cuda_graph: bool | str = "auto", speculative: int | None = None, **sampling_overrides):
+                 use_cuda_graph: bool | str = "auto", speculative: int | None = None, vq_dtype: str | None = None,
+                 **sampling_overrides):
         """Sample images for prompts (or pre-tokenized ``text_ids``).
 
         Image k of prompt i uses the seed ``image_seed(seed, keys[i] if keys else i, k)`` (or ``seed[i]`` when a
@@ -252,9 +259,12 @@ class TextToImage(PretrainedModel):
         (``config.sampling``; None switches one off); ``top_k=1`` is greedy. Returns a list (one per prompt) of
         lists of PIL images, or with ``return_codes`` a LongTensor [num_prompts, num_images_per_prompt, img_len]
         of codes (no decoding). ``speculative=k``: speculative Jacobi decoding with k guessed codes per step
-        (same distribution, different images for a seed; see ``tuwen.sampling.generate``).
+        (same distribution, different images for a seed; see ``tuwen.sampling.generate``). ``vq_dtype``: the
+        VQGAN decode dtype for this call (fp32 / bf16 / auto; default the model's, see ``decode_dtype``) — pass the
+        same to ``records`` so the PNG record says how to re-create the images.
         """
         params = self.sampling_params(**sampling_overrides)
+        vq_dtype = check_vq_dtype(vq_dtype)
         if text_ids is None:
             if prompts is None:
                 raise TuwenError("generate: give prompts or text_ids")
@@ -276,7 +286,7 @@ class TextToImage(PretrainedModel):
             if return_codes:
                 codes.append(cb)
             else:
-                images += self.decode_codes(cb)
+                images += self.decode_codes(cb, vq_dtype=vq_dtype)
         if return_codes:
             return torch.cat(codes).reshape(P, n, self.config.img_len)
         return [images[i * n:(i + 1) * n] for i in range(P)]
@@ -284,7 +294,7 @@ class TextToImage(PretrainedModel):
     @torch.inference_mode()
     def complete(self, prompt: str, image, mask, *, num_images: int = 1, seed: int = 0, key: Any = 0,
                  sweeps: int = 1, window: int | str | None = "row", return_codes: bool = False,
-                 **sampling_overrides):
+                 vq_dtype: str | None = None, **sampling_overrides):
         """Image completion ("text and part of image"): keep the codes of the known region of ``image``, sample
         the others given ``prompt`` and every known code (``tuwen.models.completion`` states the method: raster
         fill with the known codes forced, then ``sweeps`` Gibbs sweeps when the unknown region is not a suffix
@@ -294,7 +304,8 @@ class TextToImage(PretrainedModel):
         [image_size, image_size] (True = generate) or a mask image of the input image's size (white = generate).
         ``window``: codes after an unknown code that its Gibbs candidates are scored on ("row": one grid row + 1;
         None: all). Image k uses the seed ``image_seed(seed, key, k)``. Returns ``num_images`` PIL images, or with
-        ``return_codes`` (codes LongTensor [num_images, img_len], code mask bool [img_len])."""
+        ``return_codes`` (codes LongTensor [num_images, img_len], code mask bool [img_len]). ``vq_dtype``: as in
+        ``generate``."""
         import numpy as np
 
         from ..data.images import resize_crop
@@ -322,11 +333,13 @@ class TextToImage(PretrainedModel):
                                amp_dtype=amp_dtype(self.device, self.gpt.tok_emb.weight.dtype))
         if return_codes:
             return codes, unknown
-        return [paste_known(g, img, pixel_mask) for g in self.decode_codes(codes)]
+        return [paste_known(g, img, pixel_mask) for g in self.decode_codes(codes, vq_dtype=check_vq_dtype(vq_dtype))]
 
-    def records(self, prompt: str, seed: int, key: Any, n: int, **sampling_overrides) -> list[dict]:
+    def records(self, prompt: str, seed: int, key: Any, n: int, *, vq_dtype: str | None = None,
+                **sampling_overrides) -> list[dict]:
         """The generation record of each of the ``n`` images ``generate`` makes for ``prompt`` (key ``key``):
-        what ``tuwen.data.pngmeta`` writes into the PNG and ``regenerate`` reads back."""
+        what ``tuwen.data.pngmeta`` writes into the PNG and ``regenerate`` reads back (``vq_dtype``: as given
+        to ``generate``; the decode dtype is written only when it is not fp32)."""
         from ..data.pngmeta import tuwen_version
         params = self.sampling_params(**sampling_overrides)
         sampling = {k: getattr(params, k) for k in SAMPLING_FIELDS}
@@ -334,7 +347,8 @@ class TextToImage(PretrainedModel):
         return [{"prompt": prompt, "seed": int(seed), "key": key, "k": k, "sampling": sampling,
                  "model": str(getattr(self, "name_or_path", None) or "?"), "image_size": c.image_size,
                  "text_len": c.text_len, "img_len": c.img_len, "tuwen": tuwen_version(),
-                 **({"weights_dtype": wd} if (wd := getattr(self, "weights_dtype", None)) else {})} for k in range(n)]
+                 **({"weights_dtype": wd} if (wd := getattr(self, "weights_dtype", None)) else {}),
+                 **({"vq_dtype": vd} if (vd := self.decode_dtype(vq_dtype)) != "fp32" else {})} for k in range(n)]
 
     @torch.inference_mode()
     def regenerate(self, record: dict):
@@ -352,7 +366,9 @@ class TextToImage(PretrainedModel):
                              speculative=record.get("speculative"))
         # the VQGAN's convolutions may round differently for another batch shape: decode as the original was
         j, b = (int(v) for v in (record.get("decode") or (0, 1)))
-        return self.decode_codes(codes.repeat(max(b, j + 1), 1))[j]
+        # and in the dtype it was decoded in (a record without "vq_dtype" was decoded in fp32)
+        vd = check_vq_dtype(record.get("vq_dtype") or "fp32", "the record's vq_dtype", allow_auto=False)
+        return self.decode_codes(codes.repeat(max(b, j + 1), 1), vq_dtype=vd)[j]
 
     @staticmethod
     def _image_seeds(seed, keys, P: int, n: int) -> list[int]:
@@ -376,7 +392,7 @@ class TextToImage(PretrainedModel):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, *,
                         vqgan_config: Any = None, vqgan_path: str | None = None, weights_dtype: str | None = None,
-                        **overrides) -> "TextToImage":
+                        vq_dtype: str | None = None, **overrides) -> "TextToImage":
         """Load a tuwen text→image folder or an EasyNLP ARTIST / pai-painter folder.
 
         EasyNLP folders do not describe their VQGAN: it is read from the ``first_stage_model.*`` weights with the
@@ -384,10 +400,14 @@ class TextToImage(PretrainedModel):
         gives a separate VQGAN when the checkpoint has none. ``overrides``: sampling defaults (top_k, top_p,
         temperature, guidance_scale); config fields of a tuwen folder, or for an EasyNLP folder the sizes
         ``size``/``image_size``, ``text_len``, ``img_len`` and ``n_head``. None values are ignored.
-        ``weights_dtype``: "fp32" (None: as loaded), "bf16" or "int8" (weight-only) Linear layers in the GPT, for
-        faster decoding (``tuwen.models.quant``; inference only, do not train the result).
+        ``weights_dtype``: "fp32" (None: as loaded), "bf16", "int8" (weight-only) or "w8a8" (int8 weights and
+        activations) Linear layers in the GPT, for faster decoding (``tuwen.models.quant``; inference only, do
+        not train the result).
+        ``vq_dtype``: the VQGAN decode dtype of ``generate``/``complete`` — "fp32" (None: the default), "bf16",
+        or "auto" (bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32); recorded with the images.
         """
         weights_dtype = check_weights_dtype(weights_dtype)
+        vq_dtype = check_vq_dtype(vq_dtype)
         path = resolve_model_path(name_or_path, what="text2image model",
                                   expect="config.json + model.safetensors + vocab.txt + vqgan/ (tuwen), or "
                                          "config.json (model_type artist) + pytorch_model.bin + vocab.txt (EasyNLP)")
@@ -417,10 +437,13 @@ class TextToImage(PretrainedModel):
             if mt is None:
                 cls._read_config(path)  # no config.json / not JSON: its own message
             expected = f"{own!r} or EasyNLP's 'artist'" if own == MODEL_TYPE else repr(own)
+            hint = ("; CogView folders generate with `tuwen generate --model DIR` (or tuwen.models.cogview.CogView)"
+                    if mt == "cogview" else "")
             raise TuwenError(f"{path / CONFIG_NAME}: model_type {mt!r} is not a "
-                             f"{'text→image' if own == MODEL_TYPE else own} model (expected {expected})")
+                             f"{'text→image' if own == MODEL_TYPE else own} model (expected {expected}){hint}")
         model.name_or_path = str(name_or_path)
         model.weights_dtype = weights_dtype  # recorded with generated images (the same weights re-create them)
+        model.vq_dtype = vq_dtype  # resolved for the device at decode time; recorded when not fp32
         model.eval()
         if weights_dtype is not None:
             quantize_weights(model.gpt, weights_dtype)

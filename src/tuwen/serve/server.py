@@ -33,7 +33,8 @@ class ServeOptions:
     captioner: str | None = None      # captioner folder: /v1/captions (and caption reranking without --clip)
     clip: str | None = None           # CLIP folder: /v1/rerank and "rerank": true
     device: str = "auto"
-    weights_dtype: str | None = "auto"  # GPT Linear weights: auto (as tuwen generate: int8 on CPU), fp32, bf16, int8
+    weights_dtype: str | None = "auto"  # GPT Linear weights: auto (int8 on CPU), fp32, bf16, int8, w8a8
+    vq_dtype: str | None = None       # VQGAN decode: fp32 (None, the default), bf16, auto (bf16 where fast)
     max_batch: int = 16               # images decoded together
     max_queue: int = 64               # images waiting; beyond → 429
     max_n: int = 8                    # images per request
@@ -164,7 +165,9 @@ class Server:
         self.model_name = Path(path).resolve().name
         from ..models.quant import resolve_weights_dtype
         wd = resolve_weights_dtype(opts.weights_dtype, self.device, "--weights_dtype")
-        self.model = TextToImage.from_pretrained(path, weights_dtype=wd).to(self.device).eval()  # as tuwen generate
+        from ..models.vqgan import resolve_vq_dtype
+        vd = resolve_vq_dtype(opts.vq_dtype, self.device, "--vq_dtype")
+        self.model = TextToImage.from_pretrained(path, weights_dtype=wd, vq_dtype=vd).to(self.device).eval()
         self.captioner = None
         if opts.captioner:
             from ..models.captioner import Captioner

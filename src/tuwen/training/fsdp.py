@@ -12,7 +12,9 @@ all-gathered block by block just for that block's forward/backward and gradients
   shards of the model and optimizer) plus ``trainer.pt`` (step, schedule, RNG states of every rank, bad rows)
   written by rank 0, and ``complete`` written last. The folder is written under a temporary name and renamed, so a
   run killed while saving leaves no half checkpoint. DCP reshards on load, so a checkpoint also loads with a
-  different number of processes (the random states are then re-seeded, as for ``.pt`` checkpoints).
+  different number of processes — sharded, or into one unsharded process without --fsdp (the random states are
+  then re-seeded, as for ``.pt`` checkpoints); a ``.pt`` of a run without --fsdp loads sharded (:func:`load_unsharded`).
+* ``--fsdp_cpu_offload``: FSDP2's ``CPUOffloadPolicy`` (shards, gradients and optimizer states in CPU memory).
 """
 from __future__ import annotations
 
@@ -45,21 +47,40 @@ def blocks(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, (Block, ResidualAttentionBlock))]
 
 
-def shard(module: nn.Module, device: torch.device, precision: str) -> nn.Module:
+def shard(module: nn.Module, device: torch.device, precision: str, cpu_offload: bool = False) -> nn.Module:
     """``fully_shard`` each block, then the root (in place: the parameters become DTensors, so build the optimizer
-    after this). Needs a process group (torchrun)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    after this). Needs a process group (torchrun). ``cpu_offload``: FSDP2's ``CPUOffloadPolicy`` — the sharded
+    parameters, their gradients and the optimizer states live in CPU memory (pinned on CUDA); each block's shards
+    are copied to ``device`` just for its all-gather, and the optimizer step runs on the CPU."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized() or D.world_size() < 2:
         raise TuwenError("--fsdp shards the model over processes: start the run with torchrun --nproc_per_node N "
-                         "(N ≥ 2), or drop --fsdp for a single process")
+                         "(N ≥ 2), or drop --fsdp for a single process (a single process also resumes the "
+                         "sharded step-N.dcp checkpoints of an --fsdp run)")
     kw = {}
     if precision == "bf16" and device.type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     for block in blocks(module):
         fully_shard(block, **kw)
     fully_shard(module, **kw)
     return module
+
+
+def describe(module: nn.Module) -> str:
+    """How ``module`` is sharded, read back from FSDP's own state: units, and how many keep their shards in CPU
+    memory (``CPUOffloadPolicy``)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    offloaded = 0
+    for m in units:
+        group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)  # None: a unit that holds no parameter
+        offloaded += isinstance(getattr(group, "offload_policy", None), CPUOffloadPolicy)
+    where = f", {offloaded} with their shards, gradients and optimizer states in CPU memory" if offloaded else ""
+    return f"FSDP2: {len(units)} unit(s) over {D.world_size()} processes{where}"
 
 
 @contextlib.contextmanager
@@ -97,6 +118,15 @@ def full_copy(module: nn.Module, build: Callable[[], nn.Module], device: torch.d
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 
+def is_dcp(path: str | Path) -> bool:
+    """A sharded checkpoint folder (``step-N.dcp``), as opposed to a single-file ``step-N.pt``."""
+    return Path(path).name.endswith(".dcp")
+
+
+def step_of(path: Path) -> int:
+    return int(_STEP.search(path.name).group(1))
+
+
 def list_dcp(folder: str | Path) -> list[Path]:
     """Complete ``step-*.dcp`` folders under ``folder`` (or its ``checkpoints/``), oldest first."""
     folder = Path(folder)
@@ -104,7 +134,7 @@ def list_dcp(folder: str | Path) -> list[Path]:
         if d.is_dir():
             found = [p for p in d.glob("step-*.dcp") if _STEP.search(p.name) and (p / COMPLETE).exists()]
             if found:
-                return sorted(found, key=lambda p: int(_STEP.search(p.name).group(1)))
+                return sorted(found, key=step_of)
     return []
 
 
@@ -148,8 +178,10 @@ def read_trainer_state(path: Path, flag: str = "--resume") -> dict:
 
 
 def load(path: Path, module: nn.Module, optimizer) -> None:
-    """Load the model and optimizer shards of ``path`` into the sharded ``module`` / ``optimizer`` (every rank).
-    ``optimizer`` None: only the weights, into a plain (unsharded) module, with or without a process group."""
+    """Load the model and optimizer shards of ``path`` into ``module`` / ``optimizer`` (every rank): sharded ones
+    of any world size (DCP reshards: a checkpoint of 2 processes loads into 1, 4, …), or a plain (unsharded) module
+    and its optimizer, with or without a process group (one process, or DDP). ``optimizer`` None: only the
+    weights."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -170,3 +202,27 @@ def load(path: Path, module: nn.Module, optimizer) -> None:
         module.load_state_dict(state["model"], strict=True)
     else:
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def load_unsharded(st: dict, path: Path, module: nn.Module, optimizer, build: Callable[[], nn.Module],
+                   make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
+    """A single-file ``step-N.pt`` (one process or DDP) into the sharded ``module`` / ``optimizer`` of an --fsdp run
+    (every rank). Its optimizer state is keyed by parameter number; a plain CPU copy of the model and optimizer
+    translates it to parameter names, then every rank keeps its own shards of the full state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    rng = _rng_state()
+    try:
+        plain = build()
+    finally:
+        _set_rng_state(rng)
+    try:
+        plain.load_state_dict(st["module"], strict=True)
+        plain_opt = make_optimizer(plain)
+        plain_opt.load_state_dict(st["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise TuwenError(f"--resume: {path} does not match this model ({str(e).splitlines()[0]}); resume with the "
+                         "same model settings it was written with") from None
+    model_sd, optim_sd = get_state_dict(plain, plain_opt)
+    set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))

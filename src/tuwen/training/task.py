@@ -44,6 +44,7 @@ class TrainArgs:
     max_bad_listed: int = 20
     compile: bool = False
     fsdp: bool = False                     # shard model/grads/optimizer over processes (FSDP2; torchrun)
+    fsdp_cpu_offload: bool = False         # --fsdp: sharded weights, grads and optimizer states in CPU memory
     progress: bool | None = None           # None: tqdm only on a terminal
 
     def validate(self) -> None:
@@ -62,6 +63,8 @@ class TrainArgs:
             (self.optimizer_type.lower() in ("adamw", "adam"), f"--optimizer_type {self.optimizer_type!r}: "
                                                                 "tuwen supports AdamW and Adam"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
+            (self.fsdp or not self.fsdp_cpu_offload, "--fsdp_cpu_offload offloads the shards of --fsdp: add --fsdp "
+                                                     "(under torchrun, ≥ 2 processes), or drop --fsdp_cpu_offload"),
         ]
         for ok, msg in checks:
             if not ok:

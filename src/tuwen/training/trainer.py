@@ -170,7 +170,7 @@ class Trainer:
         if not groups:
             raise TuwenError("nothing to train: the model has no trainable parameters")
         kw = {"lr": self.args.learning_rate, "betas": self.task.betas}
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.args.fsdp_cpu_offload:  # offloaded: the step runs on the CPU
             kw["fused"] = True
         if self.args.optimizer_type.lower() == "adam":
             return torch.optim.Adam(groups, **kw)
@@ -187,10 +187,14 @@ class Trainer:
             return self._resume_state_fsdp(where)
         if where.is_file():
             return where, read_checkpoint(where)
+        if where.name.endswith(".dcp"):  # a sharded checkpoint of an --fsdp run: DCP reshards it onto this run
+            return where, FS.read_trainer_state(where)
         found = latest_valid_checkpoint(where, warn=self.log)
-        if found is None and FS.list_dcp(where):
-            raise TuwenError(f"--resume {a.resume}: {where} holds sharded checkpoints (step-N.dcp) written with "
-                             "--fsdp; resume them with --fsdp under torchrun")
+        dcps = FS.list_dcp(where)
+        if dcps and (found is None or FS.step_of(dcps[-1]) > found[1]["step"]):
+            self.log(f"--resume {a.resume}: {dcps[-1].name} is a sharded checkpoint of an --fsdp run; loading it "
+                     f"unsharded into {self.world} process(es)")
+            return dcps[-1], FS.read_trainer_state(dcps[-1])
         if found is None:
             if a.resume != "auto":
                 raise TuwenError(f"--resume {a.resume}: no checkpoint found there")
@@ -198,13 +202,16 @@ class Trainer:
         return found
 
     def _resume_state_fsdp(self, where: Path) -> tuple[Path, dict] | None:
-        """--fsdp: the named ``step-N.dcp`` folder, or the newest complete one under ``where``."""
+        """--fsdp: the named ``step-N.dcp`` folder, or the newest complete one under ``where``; a single-file
+        ``step-N.pt`` (of a run without --fsdp) when it is named, or newer than every sharded one."""
         if where.is_file():
-            raise TuwenError(f"--resume {where}: --fsdp resumes from sharded checkpoints (step-N.dcp folders); "
-                             "this single-file checkpoint resumes without --fsdp")
+            return where, read_checkpoint(where)
         if where.name.endswith(".dcp"):
             return where, FS.read_trainer_state(where)
         found = FS.list_dcp(where)
+        plain = latest_valid_checkpoint(where, warn=self.log)
+        if plain is not None and (not found or plain[1]["step"] > FS.step_of(found[-1])):
+            return plain
         if found:
             return found[-1], FS.read_trainer_state(found[-1])
         if self.args.resume != "auto":
@@ -227,10 +234,12 @@ class Trainer:
         """Build the module, data, optimizer and schedule; resume; open the logs (rank 0) and the progress bar."""
         a = self.args
         seed_everything(a.random_seed)
-        module = self.task.build_module().to(self.device)
+        module = self.task.build_module()
+        if not a.fsdp:  # --fsdp: fully_shard moves each unit to the device as it shards it (never the whole model)
+            module = module.to(self.device)
         module.train()
         if a.fsdp:
-            FS.shard(module, self.device, self.precision)  # before the optimizer: parameters become DTensors
+            FS.shard(module, self.device, self.precision, a.fsdp_cpu_offload)  # before the optimizer (DTensors)
         self.module = module
         train_ds = self.task.train_dataset()
         val_ds = self.task.val_dataset() if a.do_eval else None
@@ -284,6 +293,8 @@ class Trainer:
                  f"({run.steps_per_epoch}/epoch × {run.epochs} epoch(s)), batch {a.micro_batch_size}×"
                  f"{a.gradient_accumulation_steps} accumulation×{self.world} process(es), "
                  f"{n_params / 1e6:.2f}M trainable parameters, {self.device}, {self.precision}")
+        if a.fsdp:
+            self.log(FS.describe(run.module))
         return open(log_path, "a", encoding="utf-8")
 
     # ------------------------------------------------------------------ main loop
@@ -585,8 +596,10 @@ class Trainer:
                              "resume with the same model settings it was written with") from None
 
     def _load_checkpoint(self, path: Path, st: dict, module, optimizer, scheduler, scaler) -> None:
-        if self.args.fsdp:
+        if FS.is_dcp(path):  # sharded (--fsdp) checkpoint: into the sharded module, or a plain one on any world size
             FS.load(path, module, optimizer)
+        elif self.args.fsdp:  # a step-N.pt of a run without --fsdp, sharded onto this one
+            FS.load_unsharded(st, path, module, optimizer, self.task.build_module, self._make_optimizer)
         else:
             self._load_module_state(module, st, path)
             optimizer.load_state_dict(st["optimizer"])
@@ -598,9 +611,19 @@ class Trainer:
         self.best = st.get("best")
         self.report.load_state(st["bad_rows"])
         old = st.get("args", {})
+        a, old_world = self.args, st.get("world_size") or 1
+        old_micro, old_gas = old.get("micro_batch_size", a.micro_batch_size), old.get("gradient_accumulation_steps",
+                                                                                       a.gradient_accumulation_steps)
+        # the same rows per optimizer step (micro batch × accumulation × processes) split another way — e.g. 2
+        # processes × 8 resumed in 1 process × 16 — replays the same steps; the position is counted in micro batches
+        same_global = old_micro * old_gas * old_world == a.micro_batch_size * a.gradient_accumulation_steps * self.world
+        if (old_micro, old_world) != (a.micro_batch_size, self.world) and self.batch_in_epoch:
+            rows, per = self.batch_in_epoch * old_micro * old_world, a.micro_batch_size * self.world
+            self.batch_in_epoch = -(-rows // per)
+            same_global = same_global and rows % per == 0
         for k in ("micro_batch_size", "gradient_accumulation_steps", "random_seed"):
-            if k in old and old[k] != getattr(self.args, k):
-                self.log(f"warning: --{k} was {old[k]} in the checkpoint and is {getattr(self.args, k)} now; "
+            if k in old and old[k] != getattr(a, k) and not (same_global and k != "random_seed"):
+                self.log(f"warning: --{k} was {old[k]} in the checkpoint and is {getattr(a, k)} now; "
                          "the run continues but will not repeat the original exactly")
         rngs = st.get("rng") or []
         if st.get("world_size") == self.world and len(rngs) == self.world:
@@ -633,7 +656,7 @@ class Trainer:
         found = self._resume_state()
         if found is not None:
             path, st = found
-            if self.args.fsdp:
+            if FS.is_dcp(path):
                 FS.load(path, module, None)  # the full weights from the shards, on any number of processes
             else:
                 self._load_module_state(module, st, path)

@@ -109,6 +109,9 @@ def main(argv: list[str]) -> int:
     if getattr(args, "weights_dtype", None) not in (None, "auto", "fp32") and args.app != "text2image_generation":
         raise TuwenError(f"--weights_dtype {args.weights_dtype}: low-precision weights apply to text→image "
                          f"generation; {args.app_name} runs in fp32 (drop the flag)")
+    if getattr(args, "vq_dtype", None) not in (None, "fp32") and args.app != "text2image_generation":
+        raise TuwenError(f"--vq_dtype {args.vq_dtype}: the VQGAN decode dtype applies to text→image generation; "
+                         f"{args.app_name} decodes no codes (drop the flag)")
     try:
         mod = importlib.import_module(args.app_module)
     except ModuleNotFoundError as e:

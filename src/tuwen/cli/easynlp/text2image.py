@@ -9,6 +9,8 @@ import base64
 import json
 import sys
 
+import torch
+
 from ...config import parse_user_defined_parameters
 from ...data import checker
 from ...data.images import load_image
@@ -24,6 +26,7 @@ from ...rerank import load_scorer, rerank
 from ...training.tasks.text2image import T2ITask
 from ...training.trainer import Trainer, TrainArgs
 from ..common import ImageWriter, train_args_from
+from ..cogview import is_cogview_model
 from ..predict import parse_columns, run_predict as run_rows
 
 __all__ = ["USER_PARAMS", "parse_udp", "load_for_inference", "run_predict", "run_evaluate", "attribute_accuracy",
@@ -34,6 +37,8 @@ def parse_udp(args) -> dict:
     udp = parse_user_defined_parameters(args.user_defined_parameters, USER_PARAMS, "text2image_generation")
     if getattr(args, "weights_dtype", None) is not None:  # --weights_dtype (the flag wins over the udp key)
         udp["weights_dtype"] = args.weights_dtype
+    if getattr(args, "vq_dtype", None) is not None:  # --vq_dtype likewise
+        udp["vq_dtype"] = args.vq_dtype
     return udp
 
 
@@ -43,7 +48,12 @@ def run_easynlp(args) -> int:
         targs = train_args_from(args, default_lr=4e-5, default_wd=0.01)
         if not udp["do_eval"]:
             targs.do_eval = False
-        task = T2ITask.from_udp(args, udp, log=lambda m: print(m, file=sys.stderr))
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        if is_cogview_model(udp["pretrain_model_name_or_path"]):  # CogView's sequence and loss (txt_loss_scale)
+            from ...training.tasks.cogview import CogViewTask
+            task = CogViewTask.from_udp(args, udp, log=log)
+        else:
+            task = T2ITask.from_udp(args, udp, log=log)
         Trainer(targs, task).train()
         return 0
     if args.mode == "predict":
@@ -129,8 +139,19 @@ def run_evaluate(args, udp: dict) -> int:
         raise TuwenError("--checkpoint_dir is required for --mode=evaluate (the model folder)")
     if not args.tables:
         raise TuwenError("--tables is required for --mode=evaluate (the validation TSV)")
-    model = load_for_inference(args.checkpoint_dir, udp, args.device)
     table = [t for t in args.tables.split(",") if t.strip()][-1]
+    if is_cogview_model(args.checkpoint_dir):  # CogView's weighted LM loss on [ROI1] text [BASE] [BOI1] codes [EOI1]
+        if args.metric:
+            raise TuwenError(f"--metric {args.metric}: not available for CogView-format models (drop the flag)")
+        from ...models.cogview import CogView
+        from ...training.tasks.cogview import DEFAULT_TXT_LOSS_SCALE, CogViewTask
+        model = CogView.from_pretrained(args.checkpoint_dir, vqvae=udp["vqgan_ckpt_path"], tokenizer=udp["vocab_path"],
+                                        n_head=udp["n_head"], dtype=torch.float32)
+        scale = udp["txt_loss_scale"] if udp["txt_loss_scale"] is not None else DEFAULT_TXT_LOSS_SCALE
+        task = CogViewTask(args, udp, model, scale, udp["text_len"])
+        print(json.dumps(evaluate_loss(args, task, model, table), ensure_ascii=False, indent=2))
+        return 0
+    model = load_for_inference(args.checkpoint_dir, udp, args.device)
     task = T2ITask(args, udp, config=model.config, tokenizer=model.tokenizer, vqgan=model.vqgan, base=model)
     result = evaluate_loss(args, task, model, table)
     if args.metric:

@@ -17,8 +17,8 @@ from ...models.gpt import GPT, PRESETS
 from ...models.superres import SuperRes, SuperResConfig, downsample
 from ...models.text2image import GPT_STABILITY_FIELDS
 from .common import WithFrozen
-from .text2image import T2ITask, _image_sizes, _make_tokenizer, _scratch_vqgan, default_sampling, is_code_dir, \
-    split_tables
+from .text2image import T2ITask, _image_sizes, _make_tokenizer, _scratch_vqgan, check_no_txt_loss, default_sampling, \
+    is_code_dir, split_tables
 
 
 class SRTrainModule(WithFrozen):
@@ -47,6 +47,7 @@ class SRTask(T2ITask):
 
     @classmethod
     def from_udp(cls, args, udp: dict, log=print) -> "SRTask":
+        check_no_txt_loss(udp)
         train_tables, _ = split_tables(args.tables)
         if any(is_code_dir(t) for t in train_tables):
             raise TuwenError("super_resolution trains on images (it tokenizes each image at two sizes); give TSV/CSV/"

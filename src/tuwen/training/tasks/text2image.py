@@ -89,6 +89,7 @@ class T2ITask(Task):
     @classmethod
     def from_udp(cls, args, udp: dict, log=print) -> "T2ITask":
         """Finetune ``pretrain_model_name_or_path``, or build a new model on ``vqgan_ckpt_path`` (see USER_PARAMS)."""
+        check_no_txt_loss(udp)
         train_tables, _ = split_tables(args.tables)
         first = next((t for t in train_tables if not is_code_dir(t)), None)
         if first is not None:  # before any vocabulary or model is built: are the column flags the right way round?
@@ -208,6 +209,15 @@ class T2ITask(Task):
 
 
 # ---------------------------------------------------------------------------------------------- from scratch
+
+def check_no_txt_loss(udp: dict) -> None:
+    """``txt_loss_scale`` (CogView's text-token loss weight) needs a head that predicts text; tuwen's text→image
+    and super-resolution GPTs predict image codes only (0 = no text loss, which is what they do, is accepted)."""
+    if udp.get("txt_loss_scale"):
+        raise TuwenError(f"txt_loss_scale={udp['txt_loss_scale']:g}: the option needs a model whose head covers the "
+                         f"text vocabulary (a CogView-format model: pretrain_model_name_or_path=a CogView folder); "
+                         f"this model's head predicts image codes only (drop the key)")
+
 
 def _cfg_drop_prob(udp: dict) -> float | None:
     """cfg_drop_prob, or its DALLE-pytorch alias null_cond_prob; None when neither is given."""
