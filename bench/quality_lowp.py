@@ -1,7 +1,7 @@
 """Quality guard of low-precision weights and speculative decoding on the shipped demo model (issue 16).
 
 For 64 one-object prompts of the synthetic set (every colour × shape at rotating positions, seed 0):
-greedy codes agreement of bf16/int8 weights with fp32, and the attribute checker's accuracy of sampled images
+greedy codes agreement of bf16/int8/w8a8 weights with fp32, and the attribute checker's accuracy of sampled images
 (the model's defaults: top_k 16, guidance 2.0) per weights dtype, one-by-one and with speculative decoding,
 plus the speculative decoder's codes per step.
 
@@ -32,7 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--speculative", type=int, default=4)
-    ap.add_argument("--dtypes", default="fp32,bf16,int8")
+    ap.add_argument("--dtypes", default="fp32,bf16,int8,w8a8")
     a = ap.parse_args()
     ps = prompts(a.n)
     ref = None

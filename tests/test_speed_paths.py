@@ -9,8 +9,9 @@ import torch
 
 from tuwen.errors import TuwenError
 from tuwen.models.gpt import GPT, GPTConfig
-from tuwen.models.quant import Bf16Linear, Int8Linear, quantize_weights, resolve_weights_dtype, weights_dtype_of
-from tuwen.sampling import _processed_logprobs, generate
+from tuwen.models.quant import (Bf16Linear, Int8DynLinear, Int8Linear, quantize_weights, resolve_weights_dtype,
+                               weights_dtype_of)
+from tuwen.sampling import _processed_logprobs, beam_search, generate, score_sequences
 
 
 def tiny_gpt(seed=0, n_out=64, text=50, P=8, N=24, sharpen=1.0) -> GPT:
@@ -23,7 +24,7 @@ def tiny_gpt(seed=0, n_out=64, text=50, P=8, N=24, sharpen=1.0) -> GPT:
 
 # ------------------------------------------------------------------------------------------ low precision
 
-@pytest.mark.parametrize("wd,tol", [("bf16", 2e-2), ("int8", 3e-2)])
+@pytest.mark.parametrize("wd,tol", [("bf16", 2e-2), ("int8", 3e-2), ("w8a8", 5e-2)])
 def test_quantized_logits_close_to_fp32(wd, tol):
     m = tiny_gpt(sharpen=20.0)
     x = torch.randint(0, 114, (3, 12))
@@ -53,6 +54,38 @@ def test_int8_layer_matches_its_dequantized_weight():
     assert b(x).dtype == torch.float32
 
 
+def test_w8a8_layer_is_the_integer_product_row_by_row():
+    """Int8DynLinear: per-row int8 activations × int8 weights, exact int32 sums (= the float reference of the same
+    integers), each row's output independent of the other rows (bitwise), zero rows give the bias, the float
+    fallback agrees, and cat (fused q/k/v) computes the layers side by side."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40)
+    q = Int8DynLinear.from_linear(lin)
+    assert q.weight.dtype == torch.int8 and q.weight.shape == (40, 48) and q.scales.shape == (40,)
+    x = torch.randn(5, 7, 48) * torch.logspace(-3, 2, 5)[:, None, None]  # rows of very different sizes
+    x[1, 2] = 0
+    with torch.no_grad():
+        y = q(x)
+        sx = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+        xq = torch.round(x / sx)
+        ref = (xq.double() @ q.weight.double().t()) * sx.double() * q.scales.double() + lin.bias.double()
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(y[1, 2], lin.bias.float())
+        assert float((y - lin(x)).abs().max()) < 3e-2 * float(lin(x).abs().max())  # close to fp32 overall
+        x2 = x.reshape(-1, 48)
+        for idx in ([0], [3, 17, 30], list(range(34, -1, -1))):  # any subset / order of rows: the same values
+            assert torch.equal(q(x2[idx]), y.reshape(-1, 40)[idx])
+        fb = Int8DynLinear.from_linear(lin)
+        fb._kernel = False  # the float fallback (no torch._int_mm)
+        torch.testing.assert_close(fb(x), y, rtol=1e-5, atol=1e-5)
+        assert q(x.bfloat16()).dtype == torch.bfloat16
+        other = Int8DynLinear.from_linear(torch.nn.Linear(48, 8))
+        both = Int8DynLinear.cat([q, other])
+        assert isinstance(both, Int8DynLinear) and both.out_features == 48
+        assert torch.equal(both(x), torch.cat([y, other(x)], dim=-1))
+    assert "int8 weights and activations" in repr(q)
+
+
 def test_quantize_errors_and_resolve():
     m = tiny_gpt()
     assert quantize_weights(m, "fp32") is m and weights_dtype_of(m) == "fp32"
@@ -64,12 +97,15 @@ def test_quantize_errors_and_resolve():
     assert resolve_weights_dtype("auto", "cpu") == "int8"
     assert resolve_weights_dtype(None, "cuda") is None
     assert resolve_weights_dtype("BF16", "cpu") == "bf16"
+    assert resolve_weights_dtype("w8a8", "cpu") == "w8a8"
+    assert weights_dtype_of(quantize_weights(tiny_gpt(), "w8a8")) == "w8a8"
     with pytest.raises(TuwenError, match="--weights_dtype"):
         resolve_weights_dtype("half", "cpu", "--weights_dtype")
 
 
-def test_int8_generate_seed_per_image_invariance():
-    m = quantize_weights(tiny_gpt(sharpen=20.0), "int8")
+@pytest.mark.parametrize("wd", ["int8", "w8a8"])
+def test_int8_generate_seed_per_image_invariance(wd):
+    m = quantize_weights(tiny_gpt(sharpen=20.0), wd)
     pre = torch.randint(64, 114, (4, 8))
     allb = generate(m, prefix_ids=pre, num_tokens=24, seeds=[5, 6, 7, 8], top_k=10)
     for b in range(4):
@@ -77,12 +113,29 @@ def test_int8_generate_seed_per_image_invariance():
         assert torch.equal(one[0], allb[b])
 
 
-def test_text2image_from_pretrained_weights_dtype(tmp_path):
+@pytest.mark.parametrize("wd", ["int8", "w8a8"])
+def test_quantized_beam_search(wd):
+    """Beam search (KV cache reordered between beams) on quantised weights: width 1 is greedy, scores equal the
+    teacher-forced scores, a row's beams do not depend on the batch."""
+    m = quantize_weights(tiny_gpt(sharpen=20.0), wd)
+    pre = torch.randint(64, 114, (3, 8))
+    greedy = generate(m, prefix_ids=pre, num_tokens=10, seeds=0, top_k=1)
+    one, _ = beam_search(m, prefix_ids=pre, max_new_tokens=10, num_beams=1)
+    assert torch.equal(one[:, 0], greedy)
+    ids, scores = beam_search(m, prefix_ids=pre, max_new_tokens=10, num_beams=3, length_penalty=0.0)
+    tf = torch.stack([score_sequences(m, prefix_ids=pre[b:b + 1], target_ids=ids[b, :1])[0] for b in range(3)])
+    torch.testing.assert_close(tf, scores[:, 0], atol=2e-3, rtol=1e-4)
+    ids1, _ = beam_search(m, prefix_ids=pre[1:2], max_new_tokens=10, num_beams=3, length_penalty=0.0)
+    assert torch.equal(ids1[0], ids[1])
+
+
+@pytest.mark.parametrize("wd", ["int8", "w8a8"])
+def test_text2image_from_pretrained_weights_dtype(tmp_path, wd):
     from tuwen.models.text2image import TextToImage
     from tuwen.pipelines import demo_model_path
 
-    m = TextToImage.from_pretrained(demo_model_path(), weights_dtype="int8")
-    assert weights_dtype_of(m.gpt) == "int8"
+    m = TextToImage.from_pretrained(demo_model_path(), weights_dtype=wd)
+    assert weights_dtype_of(m.gpt) == wd
     ref = TextToImage.from_pretrained(demo_model_path())
     assert weights_dtype_of(ref.gpt) == "fp32"
     a = m.generate(["左上角有一个红色的圆形"], seed=0, top_k=1, return_codes=True)
@@ -113,12 +166,13 @@ def test_speculative_greedy_equals_one_by_one(k):
 
 
 @pytest.mark.parametrize("opts", [dict(top_k=20), dict(top_p=0.8, temperature=0.7),
-                                  dict(top_k=10, guidance_scale=1.5), dict(top_k=10, weights="int8")])
+                                  dict(top_k=10, guidance_scale=1.5), dict(top_k=10, weights="int8"),
+                                  dict(top_k=10, weights="w8a8")])
 def test_speculative_seed_per_image_invariance(opts):
     opts = dict(opts)
     m = tiny_gpt(sharpen=10.0)
-    if opts.pop("weights", None):
-        quantize_weights(m, "int8")
+    if (wd := opts.pop("weights", None)):
+        quantize_weights(m, wd)
     if "guidance_scale" in opts:
         opts["uncond_prefix_ids"] = torch.full((1, 8), 64)
     pre = torch.randint(64, 114, (5, 8))

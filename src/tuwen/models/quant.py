@@ -1,4 +1,4 @@
-"""Low-precision weights for decoding: bf16 and int8 weight-only ``nn.Linear`` replacements.
+"""Low-precision weights for decoding: bf16 and int8 weight-only, and int8 W8A8 ``nn.Linear`` replacements.
 
 At batch 1 a decode step of a base-size GPT reads every weight once (390 MB in fp32), so on CPU its time is the
 memory bandwidth divided into the bytes read. Storing the Linear weights in bf16 halves them, int8 with one
@@ -14,8 +14,14 @@ the KV cache stay in the model's dtype; only the matrix products read low-precis
   devices, older torch, a kernel that refuses) it falls back to dequantising to the activation dtype
   (``F.linear(x, q * scale)``), which is correct but saves no time. The choice is made once per layer, on the
   first call, by trying the kernel against the fallback.
+* ``"w8a8"`` — :class:`Int8DynLinear`: the same int8 weights and scales, and the activations quantised too, per
+  row at each call (symmetric: ``x ≈ xq * sx``, ``sx = max|x_row| / 127``, an all-zero row gives zeros); the
+  product runs as ``torch._int_mm(xq, q.t())`` (exact int32 sums) times ``sx`` times the channel scales. Each
+  row's result depends on that row only, so images do not depend on the batch. On CUDA ``_int_mm`` wants more
+  than 16 rows and K, N multiples of 8: smaller batches are padded with zero rows; elsewhere (no ``_int_mm``, a
+  kernel that refuses) the same quantised product runs as a float ``F.linear`` (equal within float rounding).
 
-Both are inference-only (no gradients) and keep the GPT's state-dict names for ``weight`` and ``bias``
+All are inference-only (no gradients) and keep the GPT's state-dict names for ``weight`` and ``bias``
 (``weight`` holds the low-precision tensor; ``Int8Linear`` adds ``scales``), so ``model.fused_qkv()`` and the
 samplers work unchanged. Measured choice of the CPU default: see README "Speed".
 """
@@ -27,11 +33,11 @@ from torch import nn
 
 from ..errors import TuwenError
 
-__all__ = ["WEIGHTS_DTYPES", "CPU_DEFAULT", "Bf16Linear", "Int8Linear", "quantize_weights", "weights_dtype_of",
-           "check_weights_dtype", "resolve_weights_dtype"]
+__all__ = ["WEIGHTS_DTYPES", "CPU_DEFAULT", "Bf16Linear", "Int8Linear", "Int8DynLinear", "quantize_weights",
+           "weights_dtype_of", "check_weights_dtype", "resolve_weights_dtype"]
 
 #: the values ``--weights_dtype`` / ``weights_dtype=`` accept
-WEIGHTS_DTYPES = ("fp32", "bf16", "int8")
+WEIGHTS_DTYPES = ("fp32", "bf16", "int8", "w8a8")
 
 
 #: ``"auto"`` on CPU: measured fastest with the quality guard met (README "Speed": int8 weight-only decodes a
@@ -163,7 +169,77 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-LOW_PRECISION_LINEARS = (Bf16Linear, Int8Linear)
+def _quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of ``x2`` [M, K] (computed in fp32): ``(xq [M, K] int8, sx [M, 1] fp32)`` with
+    ``x2 ≈ xq * sx``; an all-zero row gives zeros. Row by row: no row's values depend on another's."""
+    xf = x2.float()
+    sx = xf.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30).div_(127.0)  # [M, 1]; a zero row: 0 / 1e-30 = 0
+    return (xf / sx).round_().to(torch.int8), sx  # |xf / sx| <= 127 (+ rounding): no clamp needed
+
+
+#: CPU: ``_int_mm`` products of 2 … this many rows run one row at a time. oneDNN has a fast one-row (GEMV) kernel;
+#: from two rows on it runs a GEMM that costs about 2× per weight byte. Measured on a base-size decode step, one
+#: thread, random weights, a shared 2-core machine (process-CPU ms per decode step, w8a8 one call / row by row /
+#: int8 weight-only): 1 row 10.4 / — / 11.3; 2 rows 19.6 / 15.1 / 13.8; 3 rows 17.2 / 14.5 / 13.5; 4 rows
+#: 19.5 / 18.4 / 12.5; 6 rows 19.5 / 25.3 / 19.2 — from 6 rows on one call wins.
+_ROW_BY_ROW = 4
+_INTMM_OK: dict[tuple[str, bool, bool], bool] = {}  # (device type, K % 8 == 0, N % 8 == 0) -> _int_mm usable
+
+
+class Int8DynLinear(Int8Linear):
+    """W8A8: the int8 weights and per-channel scales of :class:`Int8Linear`, with the activations quantised per
+    row at each call and the product computed in integers (``torch._int_mm``, int32 sums). ``weight`` stays the
+    row-major [N, K] of :class:`Int8Linear` (``_int_mm`` reads its transposed view): on one CPU thread a base-size
+    decode step measured the same or faster than with a contiguous [K, N] copy at 1–16 rows."""
+
+    def _int_mm(self, xq: torch.Tensor) -> torch.Tensor:
+        """``xq @ q.t()`` as int32 [M, N]; on CUDA rows are padded to 17 (``_int_mm`` wants M > 16); on CPU 2 …
+        _ROW_BY_ROW rows go one at a time (oneDNN's one-row kernel; the same exact sums)."""
+        m, wt = xq.shape[0], self.weight.t()
+        if xq.is_cuda:
+            return torch._int_mm(torch.cat([xq, xq.new_zeros(17 - m, xq.shape[1])]), wt)[:m] if m <= 16 \
+                else torch._int_mm(xq, wt)
+        if 1 < m <= _ROW_BY_ROW:
+            return torch.cat([torch._int_mm(xq[i:i + 1], wt) for i in range(m)])
+        return torch._int_mm(xq, wt)
+
+    def _intmm_ok(self, xq: torch.Tensor) -> bool:
+        """Whether ``torch._int_mm`` runs here for this layer and equals the float product of the same integers
+        (tried on one row of ``xq``)."""
+        if getattr(torch, "_int_mm", None) is None:
+            return False
+        xq = xq[:1]
+        ref = F.linear(xq.float(), self.weight.float())
+        try:
+            y = self._int_mm(xq).float()
+        except (RuntimeError, NotImplementedError):
+            return False
+        tol = 1e-5 * float(ref.abs().max()) + 1e-3  # exact integers; the float reference rounds above 2**24
+        return y.shape == ref.shape and float((y - ref).abs().max()) <= tol
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        xq, sx = _quantize_rows(x2)  # [M, K] int8, [M, 1]
+        if self._kernel is None:  # once per process, device type and shape class (CUDA wants K, N multiples of 8)
+            key = (x.device.type, self.in_features % 8 == 0, self.out_features % 8 == 0)
+            if key not in _INTMM_OK:
+                _INTMM_OK[key] = self._intmm_ok(xq)
+            self._kernel = _INTMM_OK[key]
+        acc = self._int_mm(xq) if self._kernel else F.linear(xq.float(), self.weight.float())  # [M, N]
+        y = acc * sx  # int32 (or fp32) × fp32 → fp32
+        sc, b = self.scales, self.bias
+        if sc.dtype != torch.float32 or (b is not None and b.dtype != torch.float32):  # cast: compute in fp32
+            sc, b = sc.float(), None if b is None else b.float()
+        y = y.mul_(sc) if b is None else torch.addcmul(b, y, sc)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
+
+
+LOW_PRECISION_LINEARS = (Bf16Linear, Int8Linear)  # Int8DynLinear is an Int8Linear
 
 
 def _replace_linears(module: nn.Module, make) -> int:
@@ -180,7 +256,8 @@ def _replace_linears(module: nn.Module, make) -> int:
 @torch.no_grad()
 def quantize_weights(model: nn.Module, weights_dtype: str = "fp32") -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (a GPT: attention, MLP, head, prefix projection) in place by a
-    bf16 or int8 weight-only layer; ``"fp32"`` leaves the model as it is. Returns ``model``.
+    bf16 or int8 weight-only layer, or an int8 weights-and-activations layer (``"w8a8"``); ``"fp32"`` leaves the
+    model as it is. Returns ``model``.
 
     For inference: the replaced layers have no trainable parameters. Embeddings, LayerNorms, positions and the KV
     cache are untouched. A model whose Linears are already replaced is an error (quantise once, from fp32).
@@ -191,7 +268,7 @@ def quantize_weights(model: nn.Module, weights_dtype: str = "fp32") -> nn.Module
     if any(isinstance(m, LOW_PRECISION_LINEARS) for m in model.modules()):
         raise TuwenError(f"quantize_weights({wd!r}): the model's weights are already low-precision "
                          f"({weights_dtype_of(model)}); load it again to change")
-    make = Bf16Linear.from_linear if wd == "bf16" else Int8Linear.from_linear
+    make = {"bf16": Bf16Linear, "int8": Int8Linear, "w8a8": Int8DynLinear}[wd].from_linear
     if _replace_linears(model, make) == 0:
         raise TuwenError(f"quantize_weights({wd!r}): the model has no nn.Linear layers")
     model.requires_grad_(False)
@@ -199,8 +276,10 @@ def quantize_weights(model: nn.Module, weights_dtype: str = "fp32") -> nn.Module
 
 
 def weights_dtype_of(model: nn.Module) -> str:
-    """"int8", "bf16" or the dtype name of the first parameter ("fp32", …)."""
+    """"w8a8", "int8", "bf16" or the dtype name of the first parameter ("fp32", …)."""
     for m in model.modules():
+        if isinstance(m, Int8DynLinear):
+            return "w8a8"
         if isinstance(m, Int8Linear):
             return "int8"
         if isinstance(m, Bf16Linear):
