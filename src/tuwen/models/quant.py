@@ -33,44 +33,33 @@ from torch import nn
 
 from ..errors import TuwenError
 
-__all__ = ["WEIGHTS_DTYPES", "CPU_DEFAULT", "CPU_DEFAULT_WIDE", "cpu_default", "Bf16Linear", "Int8Linear", "Int8DynLinear", "quantize_weights",
+__all__ = ["WEIGHTS_DTYPES", "CPU_DEFAULT", "Bf16Linear", "Int8Linear", "Int8DynLinear", "quantize_weights",
            "weights_dtype_of", "check_weights_dtype", "resolve_weights_dtype"]
 
 #: the values ``--weights_dtype`` / ``weights_dtype=`` accept
 WEIGHTS_DTYPES = ("fp32", "bf16", "int8", "w8a8")
 
 
-#: ``"auto"`` on CPU, chosen by the GPT's width (measured, README "Speed"; one thread, process-CPU time):
-#: narrow models (the demo, 4×256) decode fastest with int8 weight-only (58 ms/image against 74 ms for w8a8,
-#: whose per-row activation quantisation costs ~9 small ops per layer); from ``WIDE_N_EMBD`` on (base 12×768)
-#: the matrix products dominate and w8a8 is fastest (2.24 s/image against 3.35 s int8 at batch 1, 1.3–2× at
-#: 8–16 rows). Both meet the quality guard. On CUDA "auto" keeps the weights as loaded (bf16 autocast, CUDA graph).
+#: ``"auto"`` on CPU: measured fastest with the quality guard met (README "Speed": int8 weight-only decodes a
+#: base-size step in 10.6 ms against 28.2 ms fp32 on one core). On CUDA "auto" keeps the weights as loaded
+#: (bf16 autocast, CUDA graph).
 CPU_DEFAULT = "int8"
-CPU_DEFAULT_WIDE = "w8a8"
-WIDE_N_EMBD = 512
-
-
-def cpu_default(n_embd: int) -> str:
-    """The CPU ``"auto"`` weights for a GPT of width ``n_embd``."""
-    return CPU_DEFAULT_WIDE if n_embd >= WIDE_N_EMBD else CPU_DEFAULT
 
 
 def resolve_weights_dtype(name: str | None, device: torch.device | str, flag: str = "weights_dtype") -> str | None:
-    """``"auto"``/None → the default for ``device``: on CPU ``"auto"`` (decided per model by
-    :func:`quantize_weights` from its width, :func:`cpu_default`), elsewhere None = as loaded; other values are
-    checked with :func:`check_weights_dtype`."""
+    """``"auto"``/None → the default for ``device`` (CPU_DEFAULT on CPU, None = as loaded elsewhere); other values
+    are checked with :func:`check_weights_dtype`."""
     if name is None or str(name).strip().lower() == "auto":
-        return "auto" if torch.device(device).type == "cpu" else None
+        return CPU_DEFAULT if torch.device(device).type == "cpu" else None
     return check_weights_dtype(name, flag)
 
 
 def check_weights_dtype(name: str | None, flag: str = "weights_dtype") -> str | None:
-    """``name`` lower-cased if it is one of WEIGHTS_DTYPES or ``"auto"`` (None passes), else a TuwenError naming
-    ``flag``."""
+    """``name`` lower-cased if it is one of WEIGHTS_DTYPES (None passes), else a TuwenError naming ``flag``."""
     if name is None:
         return None
     n = str(name).strip().lower()
-    if n not in WEIGHTS_DTYPES and n != "auto":
+    if n not in WEIGHTS_DTYPES:
         raise TuwenError(f"{flag} {name!r}: expected one of {', '.join(WEIGHTS_DTYPES)}")
     return n
 
@@ -274,8 +263,6 @@ def quantize_weights(model: nn.Module, weights_dtype: str = "fp32") -> nn.Module
     cache are untouched. A model whose Linears are already replaced is an error (quantise once, from fp32).
     """
     wd = check_weights_dtype(weights_dtype)
-    if wd == "auto":  # the CPU default for this model's width
-        wd = cpu_default(_width(model))
     if wd == "fp32":
         return model
     if any(isinstance(m, LOW_PRECISION_LINEARS) for m in model.modules()):
@@ -286,14 +273,6 @@ def quantize_weights(model: nn.Module, weights_dtype: str = "fp32") -> nn.Module
         raise TuwenError(f"quantize_weights({wd!r}): the model has no nn.Linear layers")
     model.requires_grad_(False)
     return model
-
-
-def _width(model: nn.Module) -> int:
-    """The residual width of a GPT (``config.n_embd``), else the input width of its first Linear."""
-    n = getattr(getattr(model, "config", None), "n_embd", None)
-    if n is None:
-        n = next((m.in_features for m in model.modules() if isinstance(m, nn.Linear)), 0)
-    return int(n)
 
 
 def weights_dtype_of(model: nn.Module) -> str:

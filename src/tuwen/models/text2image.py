@@ -30,7 +30,7 @@ from ..runtime import amp_dtype, progress_disable
 from ..sampling import SamplingParams, generate as sample_codes
 from ..text.tokenizer import TextTokenizer
 from .gpt import GPT, GPTConfig
-from .quant import check_weights_dtype, quantize_weights, weights_dtype_of
+from .quant import check_weights_dtype, quantize_weights
 from .vqgan import VQGAN, check_vq_dtype, resolve_vq_dtype, vq_torch_dtype
 
 MODEL_TYPE = "text2image"
@@ -400,8 +400,8 @@ class TextToImage(PretrainedModel):
         gives a separate VQGAN when the checkpoint has none. ``overrides``: sampling defaults (top_k, top_p,
         temperature, guidance_scale); config fields of a tuwen folder, or for an EasyNLP folder the sizes
         ``size``/``image_size``, ``text_len``, ``img_len`` and ``n_head``. None values are ignored.
-        ``weights_dtype``: "fp32" (None: as loaded), "bf16", "int8" (weight-only), "w8a8" (int8 weights and
-        activations) or "auto" (the CPU default for the GPT's width: int8 below 512, w8a8 from 512) Linear layers in the GPT, for faster decoding (``tuwen.models.quant``; inference only, do
+        ``weights_dtype``: "fp32" (None: as loaded), "bf16", "int8" (weight-only) or "w8a8" (int8 weights and
+        activations) Linear layers in the GPT, for faster decoding (``tuwen.models.quant``; inference only, do
         not train the result).
         ``vq_dtype``: the VQGAN decode dtype of ``generate``/``complete`` — "fp32" (None: the default), "bf16",
         or "auto" (bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32); recorded with the images.
@@ -442,12 +442,11 @@ class TextToImage(PretrainedModel):
             raise TuwenError(f"{path / CONFIG_NAME}: model_type {mt!r} is not a "
                              f"{'text→image' if own == MODEL_TYPE else own} model (expected {expected}){hint}")
         model.name_or_path = str(name_or_path)
+        model.weights_dtype = weights_dtype  # recorded with generated images (the same weights re-create them)
         model.vq_dtype = vq_dtype  # resolved for the device at decode time; recorded when not fp32
         model.eval()
-        if weights_dtype is not None:  # "auto": the CPU default for the GPT's width (int8 narrow, w8a8 wide)
+        if weights_dtype is not None:
             quantize_weights(model.gpt, weights_dtype)
-            weights_dtype = weights_dtype_of(model.gpt)
-        model.weights_dtype = weights_dtype  # recorded with generated images (the same weights re-create them)
         if device is not None:
             model.to(device)
         return model
