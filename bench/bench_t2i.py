@@ -83,9 +83,9 @@ def main():
                     help="auto: full on CUDA and for tiny on CPU, estimated for larger configs on CPU")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--weights", default=None, help="comma list of GPT weights dtypes to time: fp32,bf16,int8 "
-                    "(tuwen.models.quant; the naive loop always runs the fp32 model). Default: fp32,int8 on CPU "
-                    "(int8 is the CPU default), fp32 on CUDA")
+    ap.add_argument("--weights", default=None, help="comma list of GPT weights dtypes to time: fp32,bf16,int8,w8a8 "
+                    "(tuwen.models.quant; the naive loop always runs the fp32 model). Default: fp32,int8,w8a8 on CPU "
+                    "(auto = w8a8 for base, int8 for tiny), fp32 on CUDA")
     ap.add_argument("--decode", default="fp32,bf16", help="comma list of VQGAN decode dtypes (f16_16384 layout at "
                     "256 px, random weights) to add to the codes' time, or 'off'")
     ap.add_argument("--speculative", type=int, default=0,
@@ -94,7 +94,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    args.weights = args.weights or ("fp32" if device.type == "cuda" else "fp32,int8")
+    args.weights = args.weights or ("fp32" if device.type == "cuda" else "fp32,int8,w8a8")
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"

@@ -121,9 +121,16 @@ def test_generate_bf16_and_from_png_reproduce_it(tmp_path):
                  "--out", str(tmp_path / "f32")]) == 0
     f32 = tmp_path / "f32" / "prompt000_1_again.png"
     assert "vq_dtype" not in read_png_record(f32)
-    assert main(["generate", PROMPT, "-n", "2", "--seed", "1", "--out", str(tmp_path / "plain")]) == 0
+    assert main(["generate", PROMPT, "-n", "2", "--seed", "1", "--vq_dtype", "fp32",
+                 "--out", str(tmp_path / "plain")]) == 0
     plain = tmp_path / "plain" / "prompt000_1.png"
     assert "vq_dtype" not in read_png_record(plain) and np.array_equal(_px(f32), _px(plain))
+    # without the flag `tuwen generate` decodes with auto: bf16 where the CPU has it (recorded), else fp32
+    assert main(["generate", PROMPT, "-n", "2", "--seed", "1", "--out", str(tmp_path / "auto")]) == 0
+    auto = tmp_path / "auto" / "prompt000_1.png"
+    expect = resolve_vq_dtype("auto", "cpu")
+    assert read_png_record(auto).get("vq_dtype", "fp32") == expect
+    assert np.array_equal(_px(auto), _px(out / "prompt000_1.png" if expect == "bf16" else plain))
 
 
 def test_pipeline_and_serve_options_take_it(monkeypatch):
@@ -132,7 +139,7 @@ def test_pipeline_and_serve_options_take_it(monkeypatch):
     assert res["records"][0]["vq_dtype"] == "bf16"
     assert "vq_dtype" not in pipe(PROMPT, vq_dtype="fp32")[0]["records"][0]  # per call
     from tuwen.serve.server import ServeOptions
-    assert ServeOptions().vq_dtype is None  # the server default: fp32 as everywhere
+    assert ServeOptions().vq_dtype is None  # the server default: auto, as `tuwen generate`
 
 
 def test_predict_flag_and_udp_key(tmp_path):

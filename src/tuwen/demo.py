@@ -91,7 +91,7 @@ def run_demo(out: str | Path = "tuwen_demo", n: int = 4, seed: int = 0, prompts:
     dev = init_distributed(device)
     model = TextToImage.from_pretrained(model_path or demo_model_path(),
                                         weights_dtype=resolve_weights_dtype(weights_dtype, dev),
-                                        vq_dtype=resolve_vq_dtype(vq_dtype, dev, "--vq_dtype")).to(dev)
+                                        vq_dtype=resolve_vq_dtype(vq_dtype or "auto", dev, "--vq_dtype")).to(dev)
     warnings = [w for p in prompts for w in model.prompt_warnings(p)]
     heldout = set()
     meta = Path(model_path or demo_model_path()) / "demo.json"

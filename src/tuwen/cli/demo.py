@@ -18,8 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--weights_dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "w8a8"],
                    help="GPT Linear weights for decoding (auto: int8 weight-only on CPU, as loaded on GPU)")
     p.add_argument("--vq_dtype", default=None, choices=["fp32", "bf16", "auto"],
-                   help="VQGAN decode dtype (default fp32; bf16 is 2–3× faster on CPUs with AVX512-BF16, within a "
-                        "few levels; auto: bf16 on CUDA and such CPUs, else fp32); recorded in each PNG")
+                   help="VQGAN decode dtype (default auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, 2–3× faster "
+                        "there and within a few levels, else fp32; fp32 for EasyNLP-exact pixels); recorded in each PNG")
     p.add_argument("--speculative", type=int, default=None, metavar="K",
                    help="speculative Jacobi decoding with K guessed codes per step")
     p.set_defaults(func=run)

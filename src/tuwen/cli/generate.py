@@ -25,8 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--weights_dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "w8a8"],
                    help="GPT Linear weights for decoding (auto: int8 weight-only on CPU, as loaded on GPU)")
     p.add_argument("--vq_dtype", default=None, choices=["fp32", "bf16", "auto"],
-                   help="VQGAN decode dtype (default fp32; bf16 is 2–3× faster on CPUs with AVX512-BF16, within a "
-                        "few levels; auto: bf16 on CUDA and such CPUs, else fp32); recorded in each PNG, so "
+                   help="VQGAN decode dtype (default auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, 2–3× faster "
+                        "there and within a few levels, else fp32; fp32 for EasyNLP-exact pixels); recorded in each PNG, so "
                         "--from-png decodes the same way (with --from-png: default the record's)")
     p.add_argument("--speculative", type=int, default=None, metavar="K",
                    help="speculative Jacobi decoding: K guessed codes verified per step (same distribution, "
@@ -74,7 +74,7 @@ def run(a: argparse.Namespace) -> int:
         raise TuwenError(f"--keep {keep} is more than -n {a.num_images}")
     device = init_distributed(a.device)  # a device this machine lacks is an error before any work
     from ..models.vqgan import resolve_vq_dtype
-    vq_dtype = resolve_vq_dtype(a.vq_dtype, device, "--vq_dtype")
+    vq_dtype = resolve_vq_dtype(a.vq_dtype or "auto", device, "--vq_dtype")   # fresh images: auto
     scorer = None
     if a.rerank:  # a bad --rerank is found before any image is generated
         from ..rerank import load_scorer, rerank

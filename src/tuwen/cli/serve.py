@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--weights_dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "w8a8"],
                    help="GPT Linear weights for decoding (auto: as tuwen generate, int8 weight-only on CPU)")
     p.add_argument("--vq_dtype", default=None, choices=["fp32", "bf16", "auto"],
-                   help="VQGAN decode dtype (default fp32; bf16 is 2–3× faster on CPUs with AVX512-BF16, within a "
-                        "few levels; auto: bf16 on CUDA and such CPUs, else fp32); recorded in each PNG")
+                   help="VQGAN decode dtype (default auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, 2–3× faster "
+                        "there and within a few levels, else fp32); recorded in each PNG")
     p.add_argument("--api_key", default=None,
                    help="require 'Authorization: Bearer KEY' on the API (default: $TUWEN_API_KEY if set)")
     p.add_argument("--no_api_key", action="store_true",

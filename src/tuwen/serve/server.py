@@ -34,7 +34,7 @@ class ServeOptions:
     clip: str | None = None           # CLIP folder: /v1/rerank and "rerank": true
     device: str = "auto"
     weights_dtype: str | None = "auto"  # GPT Linear weights: auto (int8 on CPU), fp32, bf16, int8, w8a8
-    vq_dtype: str | None = None       # VQGAN decode: fp32 (None, the default), bf16, auto (bf16 where fast)
+    vq_dtype: str | None = None       # VQGAN decode: auto (None: bf16 where fast, as tuwen generate), fp32, bf16
     max_batch: int = 16               # images decoded together
     max_queue: int = 64               # images waiting; beyond → 429
     max_n: int = 8                    # images per request
@@ -166,7 +166,7 @@ class Server:
         from ..models.quant import resolve_weights_dtype
         wd = resolve_weights_dtype(opts.weights_dtype, self.device, "--weights_dtype")
         from ..models.vqgan import resolve_vq_dtype
-        vd = resolve_vq_dtype(opts.vq_dtype, self.device, "--vq_dtype")
+        vd = resolve_vq_dtype(opts.vq_dtype or "auto", self.device, "--vq_dtype")  # as `tuwen generate`
         self.model = TextToImage.from_pretrained(path, weights_dtype=wd, vq_dtype=vd).to(self.device).eval()
         self.captioner = None
         if opts.captioner:
