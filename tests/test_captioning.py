@@ -462,7 +462,7 @@ def test_missing_named_files_say_where_to_put_them(tmp_path, monkeypatch, capsys
     (tmp_path / "empty" / "models" / "bert-base-chinese" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n红\n")
     assert _seed_train(tmp_path, tmp_path / "x") == 2
     err = capsys.readouterr().err
-    assert f"put OpenAI's ViT-L-14.pt" in err and str(tmp_path / "empty" / "models" / "ViT-L-14.pt") in err
+    assert "put OpenAI's ViT-L-14.pt" in err and str(tmp_path / "empty" / "models" / "ViT-L-14.pt") in err
 
 
 def test_image2text_scratch_paths_and_short_videos(tmp_path, capsys):

@@ -5,7 +5,7 @@ import json
 import torch
 
 from tuwen.cli import main
-from tuwen.demo import DEMO_DIR, DEMO_PROMPTS, demo_model_path
+from tuwen.demo import DEMO_PROMPTS, demo_model_path
 from tuwen.models.text2image import TextToImage
 
 

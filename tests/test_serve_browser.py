@@ -8,7 +8,6 @@ import base64
 import io
 import os
 import shutil
-import time
 
 import pytest
 

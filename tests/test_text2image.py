@@ -17,7 +17,6 @@ from tuwen import sampling
 from tuwen.cli import main
 from tuwen.data import synth
 from tuwen.errors import TuwenError
-from tuwen.models.gpt import GPT
 from tuwen.models.vqgan import VQGAN, VQGANConfig
 from tuwen.models.text2image import TextToImage, TextToImageConfig, image_seed
 from tuwen.text import TextTokenizer

@@ -18,7 +18,6 @@ import math
 import shlex
 import sys
 import time
-from pathlib import Path
 
 SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
 

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..config import BaseConfig
 from ..convert import cogview as cv
