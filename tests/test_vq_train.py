@@ -42,3 +42,18 @@ def test_l2_normalised_codebook_option():
     z = torch.nn.functional.normalize(vq.encode_latent(x).permute(0, 2, 3, 1), dim=-1)
     assert torch.equal(codes, (z @ cb.t()).argmax(-1))  # nearest by cosine
     assert vq.decode(codes).shape == (2, 3, 32, 32)
+
+
+def test_color_loss_is_the_pooled_l2_and_off_by_default():
+    from tuwen.training.tasks.vqgan import VQLoss, VQLossConfig
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    xrec = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    vq_loss = torch.tensor(0.0)
+    off = VQLoss(VQLossConfig(disc_weight=0))(x, xrec, vq_loss, step=0)
+    on = VQLoss(VQLossConfig(disc_weight=0, color_weight=3.0))(x, xrec, vq_loss, step=0)
+    pooled = (torch.nn.functional.avg_pool2d(x, 4) - torch.nn.functional.avg_pool2d(xrec, 4)).pow(2).mean()
+    assert "color_loss" not in off and torch.allclose(on["color_loss"], pooled)
+    assert torch.allclose(on["loss"] - off["loss"], 3.0 * pooled, atol=1e-6)
+    with pytest.raises(Exception, match="≥ 0"):
+        VQLossConfig(color_weight=-1).validate()

@@ -129,6 +129,7 @@ def dalle_vae_overrides(ns, preset: dict, overrides: dict, size: int) -> dict:
 def _loss_flags() -> dict:
     return {
         "l2_weight": (float, 0.0, "extra L2 reconstruction weight (L1 is always on)"),
+        "color_weight": (float, 0.0, "L2 weight on 4×4 average-pooled images (region colours)"),
         "codebook_weight": (float, 1.0, "codebook + commitment loss weight (beta on the commitment term)"),
         "disc_weight": (float, 0.75, "adversarial weight; 0 turns the PatchGAN discriminator off"),
         "disc_start": (int, 10000, "optimizer step at which the discriminator starts (generator term and D training)"),

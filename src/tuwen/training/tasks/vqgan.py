@@ -5,7 +5,7 @@ table, as in EasyNLP). Images are resized (shortest side) and center- or randoml
 Evaluation reports reconstruction PSNR beside the "predict each image's mean colour" baseline, codebook
 perplexity and usage.
 
-Objective (``VQLoss``): L1 (+ L2) + LPIPS (optional) + codebook/commitment + PatchGAN. taming trains the VQGAN with
+Objective (``VQLoss``): L1 (+ L2) (+ 4×4 mean-colour L2) + LPIPS (optional) + codebook/commitment + PatchGAN. taming trains the VQGAN with
 two optimizers and alternates a generator step and a discriminator step. Here one
 ``VQGANTrainModule.forward(batch, step)`` returns a single scalar whose ``backward()`` gives *both* the right
 gradients, so the shared trainer's one optimizer trains both:
@@ -51,6 +51,7 @@ class VQLossConfig(BaseConfig):
 
     pixel_weight: float = 1.0          # L1
     l2_weight: float = 0.0             # optional extra L2
+    color_weight: float = 0.0          # L2 between 4×4 average-pooled images: the colours of each region
     codebook_weight: float = 1.0
     perceptual_weight: float = 1.0     # only used when lpips_path is given
     lpips_path: str | None = None      # taming vgg.pth (lin layers), or a file holding LPIPS + VGG
@@ -68,7 +69,8 @@ class VQLossConfig(BaseConfig):
             raise TuwenError(f"disc_loss {self.disc_loss!r}: use hinge or vanilla")
         if self.disc_num_layers < 1:
             raise TuwenError("disc_num_layers must be ≥ 1")
-        if min(self.pixel_weight, self.l2_weight, self.codebook_weight, self.perceptual_weight, self.disc_weight) < 0:
+        if min(self.pixel_weight, self.l2_weight, self.color_weight, self.codebook_weight, self.perceptual_weight,
+               self.disc_weight) < 0:
             raise TuwenError("loss weights must be ≥ 0")
         if self.vgg_path and not self.lpips_path:
             raise TuwenError("vgg_path is given but lpips_path is not: the perceptual loss needs both "
@@ -123,6 +125,10 @@ class VQLoss(nn.Module):
         if c.l2_weight > 0:
             rec = rec + c.l2_weight * (x - xrec) ** 2
         out: dict[str, torch.Tensor] = {"rec_loss": rec.detach().mean()}
+        if c.color_weight > 0:  # per-region mean colours: saturated hues the per-pixel losses average away
+            cl = (F.adaptive_avg_pool2d(x, 4) - F.adaptive_avg_pool2d(xrec, 4)).pow(2).mean(dim=(1, 2, 3))
+            rec = rec + c.color_weight * cl.view(-1, 1, 1, 1)
+            out["color_loss"] = cl.detach().mean()
         if self.perceptual_loss is not None:
             p = self.perceptual_loss(x, xrec)                         # [B, 1, 1, 1]
             rec = rec + c.perceptual_weight * p
