@@ -237,3 +237,9 @@ def test_bad_text_rows_are_skipped(cogview_dirs, table, tmp_path):  # noqa: F811
     assert all(isinstance(ds[i], BadRow) for i in range(2))
     assert "command tokens" in ds[0].reason and "empty text" in ds[1].reason
     assert task.max_text == 1089 + 1 - 4 - 1024  # [ROI1] text [BASE] [BOI1] codes [EOI1] in 1089 positions
+
+
+def test_text2image_loader_points_a_megatron_folder_to_the_cogview_commands(cogview_dirs):  # noqa: F811
+    from tuwen.models.text2image import TextToImage
+    with pytest.raises(TuwenError, match="CogView .Megatron. checkpoint folder.*tuwen generate --model"):
+        TextToImage.from_pretrained(base_dir(cogview_dirs))

@@ -434,6 +434,10 @@ class TextToImage(PretrainedModel):
             model = cls(config, load_vqgan(vqgan_path or path / "vqgan", config=vqgan_config), tok)
             load_state_dict_checked(model.gpt, load_weights(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
         else:
+            if mt is None and (path / "latest_checkpointed_iteration.txt").is_file():
+                raise TuwenError(f"{path}: a CogView (Megatron) checkpoint folder, not a tuwen/EasyNLP text→image "
+                                 f"model: generate with `tuwen generate --model {path}`, finetune with "
+                                 f"pretrain_model_name_or_path={path}, or `tuwen convert {path} OUT`")
             if mt is None:
                 cls._read_config(path)  # no config.json / not JSON: its own message
             expected = f"{own!r} or EasyNLP's 'artist'" if own == MODEL_TYPE else repr(own)
