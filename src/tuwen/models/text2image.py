@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from ..config import BaseConfig
-from ..convert import easynlp_t2i
+from ..convert import cogview as cogview_ckpt, easynlp_t2i
 from ..convert.taming import load_vqgan
 from ..data.images import to_pil
 from ..errors import TuwenError
@@ -434,17 +434,16 @@ class TextToImage(PretrainedModel):
             model = cls(config, load_vqgan(vqgan_path or path / "vqgan", config=vqgan_config), tok)
             load_state_dict_checked(model.gpt, load_weights(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
         else:
-            if mt is None and (path / "latest_checkpointed_iteration.txt").is_file():
-                raise TuwenError(f"{path}: a CogView (Megatron) checkpoint folder, not a tuwen/EasyNLP text→image "
-                                 f"model: generate with `tuwen generate --model {path}`, finetune with "
-                                 f"pretrain_model_name_or_path={path}, or `tuwen convert {path} OUT`")
+            if mt == "cogview" or (mt is None and cogview_ckpt.is_checkpoint_folder(path)):
+                raise TuwenError(f"{path}: a CogView (Megatron) checkpoint folder or a converted CogView folder, "
+                                 f"not a tuwen/EasyNLP text→image model: generate with `tuwen generate --model "
+                                 f"{path}`, finetune with pretrain_model_name_or_path={path}"
+                                 f"{'' if mt else f', or `tuwen convert {path} OUT`'}")
             if mt is None:
                 cls._read_config(path)  # no config.json / not JSON: its own message
             expected = f"{own!r} or EasyNLP's 'artist'" if own == MODEL_TYPE else repr(own)
-            hint = ("; CogView folders generate with `tuwen generate --model DIR` (or tuwen.models.cogview.CogView)"
-                    if mt == "cogview" else "")
             raise TuwenError(f"{path / CONFIG_NAME}: model_type {mt!r} is not a "
-                             f"{'text→image' if own == MODEL_TYPE else own} model (expected {expected}){hint}")
+                             f"{'text→image' if own == MODEL_TYPE else own} model (expected {expected})")
         model.name_or_path = str(name_or_path)
         model.weights_dtype = weights_dtype  # recorded with generated images (the same weights re-create them)
         model.vq_dtype = vq_dtype  # resolved for the device at decode time; recorded when not fp32
