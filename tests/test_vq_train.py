@@ -57,3 +57,28 @@ def test_color_loss_is_the_pooled_l2_and_off_by_default():
     assert torch.allclose(on["loss"] - off["loss"], 3.0 * pooled, atol=1e-6)
     with pytest.raises(Exception, match="≥ 0"):
         VQLossConfig(color_weight=-1).validate()
+
+
+def test_augment_flip_and_hue_are_seeded_and_keep_grey(tmp_path):
+    from tuwen.errors import TuwenError
+    from tuwen.training.tasks.vqgan import image_transform, parse_augment, rotate_hue
+    red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 4, 4)
+    assert torch.allclose(rotate_hue(red, 0.0), red, atol=1e-5) and torch.allclose(rotate_hue(red, 360.0), red,
+                                                                                      atol=1e-5)
+    assert not torch.allclose(rotate_hue(red, 120.0), red, atol=0.3)  # another hue ...
+    y = torch.tensor([0.299, 0.587, 0.114])
+    lum = lambda im: (y.view(3, 1, 1) * (im + 1) / 2).sum(0)  # noqa: E731
+    grey = torch.full((3, 4, 4), 0.2)
+    assert torch.allclose(rotate_hue(grey, 77.0), grey, atol=1e-5)  # ... greys (and white backgrounds) unchanged
+    pale = torch.tensor([0.2, 0.0, -0.1]).view(3, 1, 1).expand(3, 4, 4)  # in gamut after rotation: luminance kept
+    assert torch.allclose(lum(rotate_hue(pale, 200.0)), lum(pale), atol=1e-4)
+    assert parse_augment("flip, hue") == ("flip", "hue") and parse_augment("none") == () and parse_augment(None) == ()
+    with pytest.raises(TuwenError, match="--augment .*blur.*flip, hue"):
+        parse_augment("flip,blur")
+    img = synth.render(synth.sample_attrs(3), 16)
+    t = image_transform("image", 16, False, seed=5, augment=("flip", "hue"))
+    a, b = t({"image": img}, 7, 0)["image"], t({"image": img}, 7, 0)["image"]
+    assert torch.equal(a, b)  # the same (seed, epoch, index) → the same augmented image (exact resume)
+    plain = image_transform("image", 16, False, seed=5)({"image": img}, 7, 0)["image"]
+    outs = [t({"image": img}, i, e)["image"] for i in range(4) for e in range(2)]
+    assert all(o.shape == plain.shape for o in outs) and any(not torch.allclose(o, plain, atol=0.05) for o in outs)

@@ -89,6 +89,9 @@ def add_train_parser(sub) -> None:
                    help="image column (default: --second_sequence, else imgbase64; 'image' for folders)")
     m.add_argument("--size", type=int, default=None, help="training image size (default: the preset's resolution)")
     m.add_argument("--random_crop", action="store_true", help="random instead of center crops")
+    m.add_argument("--augment", default="none", metavar="LIST",
+                   help="training-image augmentation, comma-separated: flip (mirror half), hue (random hue "
+                        "rotation: teaches the codebook colours the set has few of); default none")
     m.add_argument("--preset", default="tiny", help="architecture preset: f16_16384, f16_1024, small, tiny")
     m.add_argument("--arch", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override preset fields, e.g. --arch n_embed=1024 ch=64 'ch_mult=[1,2,2,4]'")
@@ -145,7 +148,7 @@ def _cmd_train(ns) -> int:
     from ..config import coerce
     from ..errors import TuwenError
     from ..models.vqgan import VQGANConfig, PRESETS
-    from ..training.tasks.vqgan import VQGANTrainTask, VQLossConfig, VQTrainSettings
+    from ..training.tasks.vqgan import VQGANTrainTask, VQLossConfig, VQTrainSettings, parse_augment
     from ..training.trainer import Trainer
     from .common import train_args_from
     import typing
@@ -174,7 +177,8 @@ def _cmd_train(ns) -> int:
     image_col = ns.image_column or ns.second_sequence or ("imgbase64" if ns.input_schema else "image")
     settings = VQTrainSettings(tables=ns.tables, input_schema=ns.input_schema, image_column=image_col, size=size,
                                preset=ns.preset, config_overrides=overrides, init=ns.init, loss=loss,
-                               random_crop=ns.random_crop, skip_first_line=ns.skip_first_line, seed=ns.random_seed)
+                               random_crop=ns.random_crop, augment=parse_augment(ns.augment),
+                               skip_first_line=ns.skip_first_line, seed=ns.random_seed)
     args = train_args_from(ns, default_lr=2e-4, default_wd=0.0)
     Trainer(args, VQGANTrainTask(settings)).train()
     return 0

@@ -22,6 +22,7 @@ the last decoder layer L, as in taming. The networks (``NLayerDiscriminator``, `
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from pathlib import Path
 from typing import ClassVar
@@ -206,11 +207,47 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
-def image_transform(image_col: str, size: int, random_crop: bool, seed: int):
+AUGMENTS = ("flip", "hue")
+
+# RGB ↔ YIQ (NTSC): Y is luminance, (I, Q) a chroma plane whose angle is the hue
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+def rotate_hue(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate the hue of a CHW image in [-1, 1] by ``degrees`` (luminance kept; out-of-gamut values clamped)."""
+    t = math.radians(degrees)
+    c, s = math.cos(t), math.sin(t)
+    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    m = _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ                      # [3, 3] acting on (r, g, b)
+    rgb = (x + 1) / 2
+    out = torch.einsum("ij,jhw->ihw", m, rgb)
+    return (out.clamp(0, 1) * 2 - 1).to(x.dtype)
+
+
+def parse_augment(spec: str | None) -> tuple[str, ...]:
+    """``--augment flip,hue`` → ('flip', 'hue'); unknown names are an error."""
+    names = tuple(a.strip() for a in (spec or "").split(",") if a.strip() and a.strip() != "none")
+    bad = [a for a in names if a not in AUGMENTS]
+    if bad:
+        raise TuwenError(f"--augment {spec!r}: unknown {', '.join(bad)}; choose from {', '.join(AUGMENTS)} "
+                         "(comma-separated) or none")
+    return names
+
+
+def image_transform(image_col: str, size: int, random_crop: bool, seed: int, augment: tuple[str, ...] = ()):
+    """Row → {"image": CHW in [-1, 1]}. Random crops and ``augment`` (``flip``: mirror half the images; ``hue``:
+    rotate the hue by a uniform random angle) are drawn from (seed, epoch, index), so a resumed run sees the same
+    images. A tokenizer needs no caption to stay true, so both are safe here (unlike for the text→image GPT)."""
     def transform(row: dict, index: int, epoch: int) -> dict:
-        rng = random.Random(f"{seed}-{epoch}-{index}") if random_crop else None
-        arr = load_image(row[image_col], size, random_crop=random_crop, rng=rng)
-        return {"image": to_tensor(arr)}
+        rng = random.Random(f"{seed}-{epoch}-{index}") if (random_crop or augment) else None
+        arr = load_image(row[image_col], size, random_crop=random_crop, rng=rng if random_crop else None)
+        x = to_tensor(arr)
+        if "flip" in augment and rng.random() < 0.5:
+            x = x.flip(-1)
+        if "hue" in augment:
+            x = rotate_hue(x, rng.uniform(0.0, 360.0))
+        return {"image": x}
     return transform
 
 
@@ -225,6 +262,7 @@ class VQTrainSettings:
     init: str | None = None
     loss: VQLossConfig = dataclasses.field(default_factory=VQLossConfig)
     random_crop: bool = False
+    augment: tuple[str, ...] = ()      # training images only: "flip", "hue" (see image_transform)
     skip_first_line: bool = False
     seed: int = 1234
 
@@ -247,16 +285,16 @@ class VQGANTrainTask(Task):
             raise TuwenError(f"--size {s.size} is not a multiple of the VQGAN's downsampling factor "
                              f"{2 ** (len(self.vq_config.ch_mult) - 1)}")
 
-    def _dataset(self, tables, random_crop):
+    def _dataset(self, tables, random_crop, augment=()):
         src = open_source(tables, self.s.input_schema, self.s.skip_first_line, image_col=self.s.image_column,
                           require_text=False)  # images only: folders need no captions
         if self.s.image_column not in src.columns:
             raise TuwenError(f"image column {self.s.image_column!r} is not in --input_schema "
                              f"({', '.join(src.columns)}); name it with --second_sequence / --image_column")
-        return RowDataset(src, image_transform(self.s.image_column, self.s.size, random_crop, self.s.seed))
+        return RowDataset(src, image_transform(self.s.image_column, self.s.size, random_crop, self.s.seed, augment))
 
     def train_dataset(self):
-        return self._dataset(self.train_tables, self.s.random_crop)
+        return self._dataset(self.train_tables, self.s.random_crop, self.s.augment)
 
     def val_dataset(self):
         return self._dataset(self.val_tables, False) if self.val_tables else None
@@ -299,4 +337,4 @@ class VQGANTrainTask(Task):
 
     def describe(self):
         return {"task": self.name, "vqgan": self.vq_config.to_dict(), "loss": self.s.loss.to_dict(),
-                "size": self.s.size, "tables": self.s.tables}
+                "size": self.s.size, "tables": self.s.tables, "augment": list(self.s.augment)}
