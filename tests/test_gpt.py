@@ -156,39 +156,6 @@ def test_cached_equals_full_forward(static, with_prefix):
         assert torch.allclose(got, full, atol=2e-5, rtol=0), (got - full).abs().max()
 
 
-def test_position_conditions_every_forward_path():
-    """cond_emb[cond[b, t]] is added at position t: the full forward equals tok+pos+cond written out, and the
-    cached (int start), per-row (2-D start), static and doubled-batch (CFG rows repeat the conditions) paths agree."""
-    m = make(seed=5, n_cond_vocab=7)
-    idx = torch.randint(0, 50, (2, 10))
-    cond = torch.randint(-1, 7, (2, 10))
-    with torch.inference_mode():
-        full = m(idx, cond_ids=cond)
-        plain = m(idx)
-        sd = {k: v.clone() for k, v in m.state_dict().items()}
-        # the same thing without the feature: the condition embedding folded into a per-row position table
-        extra = sd["cond_emb.weight"][cond.clamp_min(0)] * (cond >= 0).unsqueeze(-1)
-        ref = torch.stack([mingpt_reference({**sd, "pos_emb": sd["pos_emb"][:, :10] + extra[b:b + 1]}, m.config,
-                                            idx[b:b + 1])[0] for b in range(2)])
-        assert torch.allclose(full, ref, atol=2e-5) and not torch.allclose(full, plain, atol=1e-3)
-        with m.position_conditions(cond):
-            for static in (False, True):
-                got = _cached_logits(m, idx, None, [3, 1, 4, 2], static)
-                assert torch.allclose(got, full, atol=2e-5)
-            doubled = m(torch.cat([idx, idx]))  # [cond rows; uncond rows] as classifier-free guidance runs them
-            assert torch.allclose(doubled, torch.cat([full, full]), atol=2e-5)
-            cache = KVCache.for_model(m, 2, max_len=10)
-            m(idx[:, :6], cache=cache, start_pos=0, logits_start=None)
-            per_row = m(idx[:, 6:], cache=cache, start_pos=torch.tensor([6, 6]), logits_start=0)
-            assert torch.allclose(per_row, full[:, 6:], atol=2e-5)
-    with pytest.raises(TuwenError, match="n_cond_vocab"):
-        with make(seed=5).position_conditions(cond):
-            pass
-    with pytest.raises(TuwenError, match="< n_cond_vocab"):
-        with m.position_conditions(cond + 7):
-            pass
-
-
 def test_fused_qkv_is_inference_only_and_scoped():
     m = make(seed=3)
     idx = torch.randint(0, 50, (2, 6))

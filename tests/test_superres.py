@@ -10,7 +10,7 @@ from PIL import Image
 from tuwen.cli import main
 from tuwen.data import synth
 from tuwen.errors import TuwenError
-from tuwen.models.superres import SuperRes, SuperResConfig, downsample, parent_index
+from tuwen.models.superres import SuperRes, SuperResConfig, downsample
 from tuwen.models.text2image import TextToImage, TextToImageConfig
 from tuwen.models.vqgan import VQGAN, VQGANConfig
 from tuwen.text import TextTokenizer
@@ -26,25 +26,17 @@ def parts():
     return vq, tok
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["aligned", "plain"])
-def sr(parts, request):
+@pytest.fixture(scope="module")
+def sr(parts):
     vq, tok = parts
     c = SuperResConfig.build(text_len=12, img_len=16, img_vocab_size=64, text_vocab_size=tok.vocab_size,
-                             image_size=32, low_size=16, low_len=4, n_layer=1, n_head=2, n_embd=32,
-                             aligned_low=request.param)
+                             image_size=32, low_size=16, low_len=4, n_layer=1, n_head=2, n_embd=32)
     torch.manual_seed(2)
     return SuperRes(c, vq, tok).eval()
 
 
-def test_parent_index():
-    # 4×4 high-res codes over a 2×2 low-res grid: each 2×2 block of high codes sits on one low code
-    assert parent_index((4, 4), (2, 2)).tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3]
-    assert parent_index((2, 4), (1, 2)).tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
-
-
 def test_layout_and_greedy(sr):
     assert sr.config.gpt.block_size == 12 + 4 + 16 and sr.low_grid == (2, 2)
-    assert sr.config.gpt.n_cond_vocab == (64 if sr.config.aligned_low else 0)
     imgs = [synth.render(synth.sample_attrs(i), 16) for i in range(3)]
     low = sr.encode_low(imgs)
     assert low.shape == (3, 4)
@@ -57,13 +49,6 @@ def test_layout_and_greedy(sr):
     b = sr.upscale(imgs[1:], PROMPT, seed=3, keys=[1, 2])
     assert [im.size for im in a] == [(32, 32)] * 3
     assert np.array_equal(np.asarray(a[1]), np.asarray(b[0]))  # an image's sample does not depend on its batch
-    if sr.config.aligned_low:  # the low-res parent codes reach the logits: other low codes, other logits
-        with torch.no_grad():
-            moved = sr(text, low.roll(1, dims=1), codes)
-            assert not torch.allclose(moved, logits)
-        # classifier-free guidance doubles the batch; the rows repeat the conditions (= greedy without guidance
-        # when the scale is 1)
-        assert torch.equal(sr.upscale_codes(text, low, [0, 1, 2], top_k=1, guidance_scale=1.0), codes)
     with pytest.raises(TuwenError, match="upscale"):
         sr.generate([PROMPT])
     px = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -122,7 +107,6 @@ def test_train_super_resolution_app(tmp_path, capsys):
                  ]) == 0
     m = SuperRes.from_pretrained(run)
     assert m.config.low_size == 16 and m.config.image_size == 32
-    assert m.config.aligned_low and m.config.gpt.n_cond_vocab == 64  # new models embed the low-res parents
     assert main(["--mode=evaluate", f"--tables={data}/val.tsv", "--input_schema=idx:str:1,text:str:1,imgbase64:str:1",
                  "--first_sequence=text", "--second_sequence=imgbase64", "--app_name=super_resolution",
                  f"--checkpoint_dir={run}", "--micro_batch_size=4"]) == 0

@@ -88,8 +88,6 @@ class GPTConfig(BaseConfig):
     gelu: str = "exact"        # "exact" (erf, taming) or "tanh" (OpenAI/Megatron approximation, CogView)
     tie_head: bool = False     # head.weight is tok_emb.weight (needs n_out == vocab_size; CogView)
     n_positions: int = 0       # rows of pos_emb when fewer than block_size (0 = block_size); see position_map()
-    n_cond_vocab: int = 0      # rows of cond_emb: a per-position condition token added to the input (0 = none);
-                               # see position_conditions() (token super-resolution: the aligned low-res code)
 
     def __post_init__(self):
         self.validate()
@@ -113,8 +111,6 @@ class GPTConfig(BaseConfig):
             raise TuwenError(f"GPTConfig.tie_head needs n_out == vocab_size, got {self.n_out} and {self.vocab_size}")
         if not isinstance(self.n_positions, int) or self.n_positions < 0:
             raise TuwenError(f"GPTConfig.n_positions must be an integer >= 0, got {self.n_positions!r}")
-        if not isinstance(self.n_cond_vocab, int) or self.n_cond_vocab < 0:
-            raise TuwenError(f"GPTConfig.n_cond_vocab must be an integer >= 0, got {self.n_cond_vocab!r}")
 
     @property
     def num_positions(self) -> int:
@@ -313,15 +309,12 @@ class GPT(PretrainedModel):
         self.pos_emb = nn.Parameter(torch.zeros(1, config.num_positions, C))
         if config.n_prefix_embd > 0:
             self.prefix_proj = nn.Linear(config.n_prefix_embd, C)
-        if config.n_cond_vocab > 0:
-            self.cond_emb = nn.Embedding(config.n_cond_vocab, C)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = _layer_norm(config, C)
         self.head = nn.Linear(C, config.n_out, bias=False)
         self._fuse_depth = 0
         self._pos_map: torch.Tensor | None = None  # sequence position -> position id, see position_map()
-        self._cond: torch.Tensor | None = None  # [B, block_size] condition ids per position, see position_conditions()
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, mean=0.0, std=0.02)
         if config.tie_head:
@@ -406,39 +399,6 @@ class GPT(PretrainedModel):
         finally:
             self._pos_map = old
 
-    @contextlib.contextmanager
-    def position_conditions(self, cond_ids: torch.Tensor | None):
-        """Inside this context the input at sequence position ``t`` of row ``b`` also gets ``cond_emb[cond_ids[b,
-        t]]`` (LongTensor [B, ≤ block_size]; -1 or past its end = nothing): a condition aligned with the sequence,
-        e.g. each high-res code's low-res parent code in token super-resolution. Works with the KV cache, the
-        static/CUDA-graph path, per-row positions and doubled (classifier-free guidance) batches, whose rows
-        repeat the B condition rows."""
-        if cond_ids is not None:
-            if self.config.n_cond_vocab == 0:
-                raise TuwenError("position_conditions: this GPT has no cond_emb (n_cond_vocab=0)")
-            cond_ids = cond_ids.to(self.tok_emb.weight.device, torch.long)
-            if cond_ids.dim() != 2 or int(cond_ids.max()) >= self.config.n_cond_vocab:
-                raise TuwenError(f"condition ids must be [batch, positions] and < n_cond_vocab="
-                                 f"{self.config.n_cond_vocab}")
-            pad = self.config.block_size - cond_ids.shape[1]
-            if pad < 0:
-                raise TuwenError(f"condition ids cover {cond_ids.shape[1]} positions, more than block_size "
-                                 f"{self.config.block_size}")
-            cond_ids = F.pad(cond_ids, (0, pad), value=-1)
-        old, self._cond = self._cond, cond_ids
-        try:
-            yield self
-        finally:
-            self._cond = old
-
-    def _cond_embeds(self, cond: torch.Tensor, t: torch.Tensor, rows: int) -> torch.Tensor:
-        """Condition embeddings at positions ``t`` ([T] or [rows, T]) → [rows, T, C] (zeros where the id is -1)."""
-        if rows % cond.shape[0]:
-            raise TuwenError(f"condition ids have {cond.shape[0]} rows; the batch has {rows}")
-        cond = cond.repeat(rows // cond.shape[0], 1) if rows != cond.shape[0] else cond
-        c = cond[:, t] if t.dim() == 1 else cond.gather(1, t)  # [rows, T]
-        return self.cond_emb(c.clamp_min(0)) * (c >= 0).unsqueeze(-1).to(self.cond_emb.weight.dtype)
-
     # ------------------------------------------------------------------------------------------- forward
 
     def embed_prefix(self, prefix_embeds: torch.Tensor) -> torch.Tensor:
@@ -458,20 +418,15 @@ class GPT(PretrainedModel):
 
     def forward(self, idx: torch.Tensor | None = None, prefix_embeds: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, start_pos: int | torch.Tensor = 0, logits_start: int | None = 0,
-                return_hidden: bool = False, cond_ids: torch.Tensor | None = None):
+                return_hidden: bool = False):
         """Logits ``[B, T_total - logits_start, n_out]`` for the sequence ``[prefix_embeds][idx]``.
 
         idx: LongTensor [B, T] (input ids, < vocab_size). prefix_embeds: [B, P, n_prefix_embd] placed before
         the tokens. T_total = P + T. With ``cache`` the sequence occupies positions ``start_pos …`` and attends
         over all cached positions before it. ``logits_start`` (python-style, -1 = last position only; None = no
         head) limits where the head is computed. ``return_hidden=True`` returns ``(logits, hidden)`` with the
-        final (post-ln_f) hidden states of all T_total positions, [B, T_total, n_embd]. ``cond_ids``: as
-        :meth:`position_conditions` for this call.
+        final (post-ln_f) hidden states of all T_total positions, [B, T_total, n_embd].
         """
-        if cond_ids is not None:
-            with self.position_conditions(cond_ids):
-                return self.forward(idx, prefix_embeds, cache=cache, start_pos=start_pos, logits_start=logits_start,
-                                    return_hidden=return_hidden)
         if prefix_embeds is not None and idx is not None:
             x = torch.cat([self.embed_prefix(prefix_embeds), self.tok_emb(idx)], dim=1)
         elif prefix_embeds is not None:
@@ -486,7 +441,6 @@ class GPT(PretrainedModel):
             if start_pos + T > self.config.block_size:
                 raise TuwenError(f"sequence of {start_pos + T} positions is longer than block_size "
                                  f"({self.config.block_size})")
-            t = None
             if self._pos_map is None:
                 pos = self.pos_emb[:, start_pos:start_pos + T]  # [1, T, C]
             else:
@@ -498,9 +452,6 @@ class GPT(PretrainedModel):
         else:  # static path: no host sync, positions checked by the caller
             t = start_pos.reshape(-1)[:1] + torch.arange(T, device=x.device)  # [T]
             pos = self.pos_emb[0, self._pos_map[t] if self._pos_map is not None else t]  # [T, C]
-        if self._cond is not None:
-            t = torch.arange(start_pos, start_pos + T, device=x.device) if t is None else t
-            pos = pos + self._cond_embeds(self._cond, t, x.shape[0])
         x = self.drop(x + pos)
 
         for i, block in enumerate(self.blocks):

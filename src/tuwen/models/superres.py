@@ -6,10 +6,6 @@ Sequence (one GPT, the text→image layout with the low-resolution codes as a se
     [text ids + img_vocab_size  (text_len)] [low-res codes (low_len = (low_size/f)²)] [high-res codes (img_len)]
 
 Logit i of the last part predicts high-res code i (it sees the text, every low-res code and high-res codes 0…i-1).
-With ``aligned_low`` (on for models trained since it exists) the input at the position whose logit predicts
-high-res code i also embeds the low-res code under it (its "parent": row·h/H, column·w/W; ``gpt.cond_emb``, see
-``GPT.position_conditions``), so the model need not learn from scratch which low-res code each high-res code
-sits on: without it a small SR model trained on the synthetic set for 800 steps kept ~19 % of objects (README).
 Training pairs are made on the fly from each image: the image at ``image_size`` and its 2× smaller version
 (bicubic with antialiasing, ``low_size = image_size / 2``), both tokenized by the frozen VQGAN
 (``tuwen.training.tasks.superres``; ``--app_name=super_resolution``). The model folder is a text→image folder
@@ -54,14 +50,11 @@ class SuperResConfig(TextToImageConfig):
 
     low_size: int = 32
     low_len: int = 16
-    aligned_low: bool = False  # each high-res position embeds its low-res parent code (gpt.n_cond_vocab =
-                               # img_vocab_size); the trainer turns it on for new models, folders without it load off
     sampling: SamplingParams = dataclasses.field(default_factory=lambda: SamplingParams(top_k=8))
 
     def sized_gpt(self, **arch) -> GPTConfig:
         return GPTConfig(vocab_size=self.img_vocab_size + self.text_vocab_size,
-                         block_size=self.text_len + self.low_len + self.img_len, n_out=self.img_vocab_size,
-                         n_cond_vocab=self.img_vocab_size if self.aligned_low else 0, **arch)
+                         block_size=self.text_len + self.low_len + self.img_len, n_out=self.img_vocab_size, **arch)
 
     def validate(self) -> None:
         if self.low_size < 1 or self.low_len < 1:
@@ -71,9 +64,6 @@ class SuperResConfig(TextToImageConfig):
         if g.block_size != want:
             raise TuwenError(f"superres config: gpt.block_size={g.block_size} but text_len + low_len + img_len = "
                              f"{want}")
-        if g.n_cond_vocab != (self.img_vocab_size if self.aligned_low else 0):
-            raise TuwenError(f"superres config: gpt.n_cond_vocab={g.n_cond_vocab} but aligned_low={self.aligned_low} "
-                             f"needs {self.img_vocab_size if self.aligned_low else 0}")
         # the text→image checks of everything else, with block_size as it would be without the low-res prefix
         saved = g.block_size
         g.block_size = self.text_len + self.img_len
@@ -81,36 +71,6 @@ class SuperResConfig(TextToImageConfig):
             super().validate()
         finally:
             g.block_size = saved
-
-
-def parent_index(high_grid: tuple[int, int], low_grid: tuple[int, int]) -> torch.Tensor:
-    """LongTensor [H·W]: for each high-res code (raster order) the raster index of the low-res code under it."""
-    (H, W), (h, w) = high_grid, low_grid
-    r = torch.arange(H).mul(h).div(H, rounding_mode="floor")
-    c = torch.arange(W).mul(w).div(W, rounding_mode="floor")
-    return (r[:, None] * w + c[None, :]).reshape(-1)
-
-
-def aligned_cond_ids(config: SuperResConfig, vqgan, low_codes: torch.Tensor) -> torch.Tensor | None:
-    """Condition ids [B, text_len + low_len + img_len - 1] for ``aligned_low`` models (None otherwise): the
-    position whose logit predicts high-res code i (text_len + low_len - 1 + i) gets code i's low-res parent; the
-    other positions -1."""
-    if not config.aligned_low:
-        return None
-    c = config
-    parents = parent_index(vqgan.grid_size(c.image_size), vqgan.grid_size(c.low_size)).to(low_codes.device)
-    out = torch.full((low_codes.shape[0], c.text_len + c.low_len + c.img_len - 1), -1, dtype=torch.long,
-                     device=low_codes.device)
-    out[:, c.text_len + c.low_len - 1:] = low_codes[:, parents]
-    return out
-
-
-def sr_logits(gpt, config: SuperResConfig, vqgan, text_ids, low_codes, high_codes) -> torch.Tensor:
-    """Teacher-forced logits [B, img_len, img_vocab] of ``[text][low][high[:-1]]`` (logit i predicts high code i);
-    the training loss and ``SuperRes.forward`` share it."""
-    c = config
-    x = torch.cat([text_ids, low_codes, high_codes[:, :-1]], dim=1)  # [B, text_len + low_len + img_len - 1]
-    return gpt(x, logits_start=c.text_len + c.low_len - 1, cond_ids=aligned_cond_ids(c, vqgan, low_codes))
 
 
 class SuperRes(TextToImage):
@@ -141,11 +101,9 @@ class SuperRes(TextToImage):
 
     def forward(self, text_ids: torch.Tensor, low_codes: torch.Tensor, high_codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, img_len, img_vocab]: logit i predicts high-res code i."""
-        return sr_logits(self.gpt, self.config, self.vqgan, text_ids, low_codes, high_codes)
-
-    def cond_ids(self, low_codes: torch.Tensor) -> torch.Tensor | None:
-        """[B, low_len] low-res codes → the GPT's per-position condition ids (``aligned_low``), else None."""
-        return aligned_cond_ids(self.config, self.vqgan, low_codes)
+        c = self.config
+        x = torch.cat([text_ids, low_codes, high_codes[:, :-1]], dim=1)  # [B, text_len + low_len + img_len - 1]
+        return self.gpt(x, logits_start=c.text_len + c.low_len - 1)
 
     @torch.inference_mode()
     def upscale_codes(self, text_ids: torch.Tensor, low_codes: torch.Tensor, seeds, **sampling) -> torch.Tensor:
@@ -155,11 +113,10 @@ class SuperRes(TextToImage):
         uncond = None
         if p.guidance_scale is not None:  # the text dropped, the low-res image kept
             uncond = torch.cat([self.uncond_ids(len(prefix)), low_codes.to(self.device)], dim=1)
-        with self.gpt.position_conditions(self.cond_ids(low_codes.to(self.device))):
-            return sample_codes(self.gpt, prefix_ids=prefix, num_tokens=self.config.img_len,
-                                seeds=torch.as_tensor(list(seeds)), top_k=p.top_k, top_p=p.top_p,
-                                temperature=p.temperature, guidance_scale=p.guidance_scale, uncond_prefix_ids=uncond,
-                                amp_dtype=amp_dtype(self.device, self.gpt.tok_emb.weight.dtype))
+        return sample_codes(self.gpt, prefix_ids=prefix, num_tokens=self.config.img_len,
+                            seeds=torch.as_tensor(list(seeds)), top_k=p.top_k, top_p=p.top_p,
+                            temperature=p.temperature, guidance_scale=p.guidance_scale, uncond_prefix_ids=uncond,
+                            amp_dtype=amp_dtype(self.device, self.gpt.tok_emb.weight.dtype))
 
     @torch.inference_mode()
     def upscale(self, images: Sequence, texts: Sequence[str] | str, *, seed: int = 0, keys: Sequence | None = None,

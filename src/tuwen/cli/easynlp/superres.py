@@ -6,18 +6,14 @@ from __future__ import annotations
 import json
 import sys
 
-from ...config import Param, parse_user_defined_parameters
+from ...config import parse_user_defined_parameters
 from ...errors import TuwenError
-from ...pipelines import TEXT2IMAGE_PARAMS
+from ...pipelines import TEXT2IMAGE_PARAMS as USER_PARAMS
 from ...training.tasks.superres import SRTask
 from ...training.trainer import Trainer
 from ..common import train_args_from
 
 __all__ = ["USER_PARAMS", "run_easynlp"]
-
-USER_PARAMS = {**TEXT2IMAGE_PARAMS, "aligned_low": Param(
-    bool, True, "a new model embeds each high-res code's low-res parent code at its position (false: CogView's plain "
-                "[text][low][high] sequence, the model learns the correspondence by attention alone)")}
 
 
 def run_easynlp(args) -> int:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ...errors import TuwenError
 from ...models.gpt import GPT, PRESETS
-from ...models.superres import SuperRes, SuperResConfig, downsample, sr_logits
+from ...models.superres import SuperRes, SuperResConfig, downsample
 from ...models.text2image import GPT_STABILITY_FIELDS
 from .common import WithFrozen
 from .text2image import T2ITask, _image_sizes, _make_tokenizer, _scratch_vqgan, check_no_txt_loss, default_sampling, \
@@ -24,19 +24,20 @@ from .text2image import T2ITask, _image_sizes, _make_tokenizer, _scratch_vqgan, 
 class SRTrainModule(WithFrozen):
     """The GPT, with the frozen VQGAN that tokenizes both sides of each pair."""
 
-    def __init__(self, gpt: GPT, vqgan, config: SuperResConfig):
+    def __init__(self, gpt: GPT, vqgan, text_len: int, low_size: int):
         super().__init__()
         self.gpt = gpt
         self.set_frozen("vqgan", vqgan)
-        self.config = config
+        self.text_len, self.low_size = text_len, low_size
 
     def forward(self, batch: dict, step: int = 0) -> dict[str, torch.Tensor]:
         vq = self.frozen("vqgan")
         img = batch["image"]  # [B, 3, size, size] in [-1, 1]
         with torch.no_grad():
             high = vq.encode(img).flatten(1).clone()  # [B, img_len]
-            low = vq.encode(downsample(img, self.config.low_size)).flatten(1).clone()  # [B, low_len]
-        logits = sr_logits(self.gpt, self.config, vq, batch["text_ids"], low, high)  # [B, img_len, img_vocab]
+            low = vq.encode(downsample(img, self.low_size)).flatten(1).clone()  # [B, low_len]
+        x = torch.cat([batch["text_ids"], low, high[:, :-1]], dim=1)
+        logits = self.gpt(x, logits_start=self.text_len + low.shape[1] - 1)  # [B, img_len, img_vocab]
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), high.reshape(-1))
         return {"loss": loss, "bits_per_token": loss.detach() / math.log(2)}
 
@@ -69,14 +70,14 @@ class SRTask(T2ITask):
         config = SuperResConfig.build(
             text_len=udp["text_len"] or 32, img_len=img_len, img_vocab_size=vqgan.config.n_embed,
             text_vocab_size=udp["text_vocab_size"] or tokenizer.vocab_size, image_size=size, low_size=size // 2,
-            low_len=lh * lw, aligned_low=bool(udp.get("aligned_low", True)), n_layer=udp["n_layer"] or nl, n_head=udp["n_head"] or nh, n_embd=udp["n_embd"] or ne,
+            low_len=lh * lw, n_layer=udp["n_layer"] or nl, n_head=udp["n_head"] or nh, n_embd=udp["n_embd"] or ne,
             embd_pdrop=drop, resid_pdrop=drop, attn_pdrop=drop, sampling=default_sampling(udp, 0.0).replace(
                 top_k=udp["top_k"] or 8), **{k: bool(udp.get(k)) for k in GPT_STABILITY_FIELDS})
         return cls(args, udp, config=config, tokenizer=tokenizer, vqgan=vqgan)
 
     def build_module(self, gpt: GPT | None = None) -> SRTrainModule:
         c = self.config
-        return SRTrainModule(self.new_gpt() if gpt is None else gpt, self.vqgan, c)
+        return SRTrainModule(self.new_gpt() if gpt is None else gpt, self.vqgan, c.text_len, c.low_size)
 
     def _model(self, module: SRTrainModule) -> SuperRes:
         return SuperRes(self.config, module.frozen("vqgan"), self.tokenizer, gpt=module.gpt)
