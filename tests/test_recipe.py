@@ -22,7 +22,7 @@ def test_presets_follow_the_data():
     assert small.vq_loss["perceptual_weight"] == 0 and any("perceptual" in n for n in small.notes)
     assert small.text_len == 16 and small.cfg_drop_prob > 0
     # ~40 epochs of the VQGAN, ~60 of the GPT on a small set (with floors)
-    assert small.vq_steps == 1520 and small.gpt_steps == 2850
+    assert small.vq_steps == 3000 and small.gpt_steps == 2850
     # a small set's captioner reads the VQGAN codes (it learns to name the training images; a ViT from scratch
     # did not in the same CPU time); a large set's trains a ViT
     assert small.cap["prefix"] == "vqgan"
