@@ -135,6 +135,7 @@ def test_evaluate_reports_exact_match(tmp_path, capsys):
     assert len(ex) == res["n_images"] == 3
     want = sum("".join(e["gen_text"].split()) in {"".join(r.split()) for r in e["references"]} for e in ex) / 3
     assert res["exact_match"] == pytest.approx(want)
+    assert res["exact_match_tokenized"] >= res["exact_match"]  # references as the model's tokenizer writes them
     # references set to the model's own captions (spaced out, in a JSON list): all exact
     own = tmp_path / "own.tsv"
     own.write_text("".join(f"{e['idx']}\t{_b64(COLORS[int(e['idx'])])}\t"

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from tuwen.metrics.captions import (bleu, caption_metrics, cider_d, meteor_available, rouge_l, split_references,
+from tuwen.metrics.captions import (bleu, caption_metrics, cider_d, exact_match, meteor_available, rouge_l,
+                                    split_references,
                                     tokenize)
 
 ZH_PREDS = ["左上角有一个红色的圆形", "中间有一个蓝色的正方形，右侧有一个绿色的三角形", "一个黄色的长方形从左向右移动",
@@ -112,3 +113,18 @@ def test_errors_and_meteor_flag():
         rouge_l(["a"], [[]])
     m = caption_metrics(["a b"], ["a b || a c"])
     assert ("meteor" in m) == meteor_available()
+
+
+def test_exact_match_raw_and_as_the_tokenizer_writes_it():
+    """Spaces ignored; with ``writable`` (an uncased WordPiece round trip) a capital the model cannot write is no
+    miss, while a wrong caption still is."""
+    from tuwen.text import TextTokenizer
+    tok = TextTokenizer.train(["美国手语中字母A的标示", "美国手语中字母B的标示", "一只乌鸦"], vocab_size=120)
+    preds = ["美 国 手 语 中 字 母 a 的 标 示", "一只乌鸦", "一只乌鸦"]
+    refs = [["美国手语中字母A的标示"], ["别的", "一只乌鸦"], ["美国手语中字母B的标示"]]
+    assert exact_match(preds, refs) == pytest.approx(1 / 3)
+    writable = lambda r: tok.decode(tok.encode(r))  # noqa: E731
+    assert writable("美国手语中字母A的标示").replace(" ", "") == "美国手语中字母a的标示"  # uncased, as bert-base-chinese
+    assert exact_match(preds, refs, writable=writable) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        exact_match(preds, refs[:2])

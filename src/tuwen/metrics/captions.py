@@ -239,6 +239,20 @@ def meteor(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> f
 
 # ----------------------------------------------------------------------------------------------- all
 
+def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]], writable=None) -> float:
+    """The share of predictions equal to one of their references, whitespace ignored (CJK decodes may be spaced).
+
+    ``writable``: a function giving a reference as the model's tokenizer would write it (e.g. lower-cased by an
+    uncased WordPiece vocabulary, unknown characters as ``[UNK]``): the references are compared in that form, so a
+    caption the model cannot spell (capital letters under bert-base-chinese's vocabulary) does not count as a miss.
+    """
+    _check(predictions, references)
+    squash = lambda t: "".join(str(t).split())  # noqa: E731
+    norm = (lambda r: squash(writable(r))) if writable is not None else squash
+    hits = sum(squash(p) in {norm(r) for r in rs} for p, rs in zip(predictions, references))
+    return hits / len(predictions)
+
+
 def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[str] | str],
                     with_meteor: bool | str = "auto") -> dict:
     """BLEU-1…4, CIDEr-D, ROUGE-L (and METEOR where possible) of one prediction per image against all its

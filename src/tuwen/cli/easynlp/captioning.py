@@ -17,7 +17,7 @@ from ...config import parse_user_defined_parameters
 from ...data.tables import BadRow, BadRowError, BadRowReport, RowDataset, open_source
 from ...errors import TuwenError
 from ...fileio import atomic_write_text
-from ...metrics.captions import caption_metrics, split_references
+from ...metrics.captions import caption_metrics, exact_match, split_references
 from ...models.captioner import Captioner
 from ...pipelines import CAPTION_PARAMS as USER_PARAMS
 from ...pipelines import check_caption_udp as check_udp_against_config
@@ -147,9 +147,12 @@ def evaluate_captions(model: Captioner, source, image_col: str, text_col: str, u
         raise TuwenError("no image could be captioned (every row was bad)")
     out = caption_metrics(preds, refs)
     # how often the caption is one of the references, spaces ignored (CJK decodes may be spaced): on the training
-    # images this says whether a small model learned to name them (tuwen recipe's check)
-    squash = lambda t: "".join(str(t).split())  # noqa: E731
-    out["exact_match"] = sum(squash(p) in {squash(r) for r in rs} for p, rs in zip(preds, refs)) / len(preds)
+    # images this says whether a small model learned to name them (tuwen recipe's check); "_tokenized" compares with
+    # the references as the model's tokenizer writes them (lower-cased by an uncased vocabulary, [UNK] …)
+    out["exact_match"] = exact_match(preds, refs)
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        out["exact_match_tokenized"] = exact_match(preds, refs, writable=lambda r: tok.decode(tok.encode(r)))
     from ...data.synth import parse_caption
     if all(parse_caption(r[0]) is not None for r in refs):
         from ...data.checker import score_captions
