@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--weights", default=None, help="comma list of GPT weights dtypes to time: fp32,bf16,int8,w8a8 "
                     "(tuwen.models.quant; the naive loop always runs the fp32 model). Default: fp32,int8,w8a8 on CPU "
-                    "(auto = w8a8 for base, int8 for tiny), fp32 on CUDA")
+                    "(int8 is the CPU default), fp32 on CUDA")
     ap.add_argument("--decode", default="fp32,bf16", help="comma list of VQGAN decode dtypes (f16_16384 layout at "
                     "256 px, random weights) to add to the codes' time, or 'off'")
     ap.add_argument("--speculative", type=int, default=0,

@@ -25,32 +25,25 @@ mkdir -p "$W"
 # 1. 10 000 synthetic 64 px images (the demo's holdout pairs kept out; the bench prompts are seen pairs)
 [ -f "$W/data/meta.json" ] || tuwen data synth --out "$W/data" --size 64 --n 10000 --seed 0 --holdout --workers 1
 
-# 2. an f4 tokenizer (tiny preset with 3 levels: 32 px → 8×8 codes, 64 px → 16×16), trained at 32 px
-[ -f "$W/vq/model.safetensors" ] || tuwen vq train --tables "$W/data/train.tsv,$W/data/val.tsv" \
-  --input_schema $SCHEMA --second_sequence imgbase64 --checkpoint_dir "$W/vq" --preset tiny --arch 'ch_mult=[1,2,2]' \
-  --size 32 --micro_batch_size 32 --learning_rate 1e-3 --lr_schedule cosine --max_steps "$VQ_STEPS" --l2_weight 2 \
-  --dead_code_steps 50 --logging_steps 100 --save_checkpoint_steps 400 --device "$DEVICE" --no_progress \
-  --data_threads 0
-[ -f "$W/ceiling_vq32.json" ] || python bench/bench_superres.py --ceiling "$W/vq" --low 32 --high 64 --n "$N" \
-  | tee "$W/ceiling_vq32.json"
+# 2. an f4 tokenizer (tiny preset with 3 levels: 32 px → 8×8 codes, 64 px → 16×16), trained in three stages;
+# after each, its ceiling: the checker's accuracy of real renders after a round trip at 32 and 64 px
+vq_stage() {  # OUT SIZE BATCH LR STEPS LOG_EVERY SAVE_EVERY CEILING_JSON [extra tuwen vq train flags…]
+  local out=$1 size=$2 batch=$3 lr=$4 steps=$5 log=$6 save=$7 ceiling=$8
+  shift 8
+  [ -f "$W/$out/model.safetensors" ] || tuwen vq train --tables "$W/data/train.tsv,$W/data/val.tsv" \
+    --input_schema $SCHEMA --second_sequence imgbase64 --checkpoint_dir "$W/$out" "$@" --preset tiny \
+    --arch 'ch_mult=[1,2,2]' --size "$size" --micro_batch_size "$batch" --learning_rate "$lr" --lr_schedule cosine \
+    --max_steps "$steps" --l2_weight 2 --dead_code_steps 50 --logging_steps "$log" --save_checkpoint_steps "$save" \
+    --device "$DEVICE" --no_progress --data_threads 0
+  [ -f "$W/$ceiling" ] || python bench/bench_superres.py --ceiling "$W/$out" --low 32 --high 64 --n "$N" \
+    | tee "$W/$ceiling"
+}
+vq_stage vq 32 32 1e-3 "$VQ_STEPS" 100 400 ceiling_vq32.json
 # trained at 32 px only it tokenizes 64 px renders poorly (measured: 37 % of objects kept), so a second, lower-lr
 # stage at 64 px (batch 16) makes it describe 64 px (100 %) but loses 32 px (62 %); a third, short stage back at
 # 32 px balances them (measured: 87.6 % at 32 px, 83.5 % at 64 px). The tokenizer used from here on is $W/vq3.
-[ -f "$W/vq2/model.safetensors" ] || tuwen vq train --tables "$W/data/train.tsv,$W/data/val.tsv" \
-  --input_schema $SCHEMA --second_sequence imgbase64 --checkpoint_dir "$W/vq2" --init "$W/vq" --preset tiny \
-  --arch 'ch_mult=[1,2,2]' --size 64 --micro_batch_size 16 --learning_rate 4e-4 --warmup_proportion 0.01 \
-  --lr_schedule cosine --max_steps "$VQ2_STEPS" --l2_weight 2 --dead_code_steps 50 --logging_steps 50 \
-  --save_checkpoint_steps 250 --device "$DEVICE" --no_progress --data_threads 0
-[ -f "$W/ceiling_vq2.json" ] || python bench/bench_superres.py --ceiling "$W/vq2" --low 32 --high 64 --n "$N" \
-  | tee "$W/ceiling_vq2.json"
-[ -f "$W/vq3/model.safetensors" ] || tuwen vq train --tables "$W/data/train.tsv,$W/data/val.tsv" \
-  --input_schema $SCHEMA --second_sequence imgbase64 --checkpoint_dir "$W/vq3" --init "$W/vq2" --preset tiny \
-  --arch 'ch_mult=[1,2,2]' --size 32 --micro_batch_size 32 --learning_rate 2e-4 --warmup_proportion 0.01 \
-  --lr_schedule cosine --max_steps "$VQ3_STEPS" --l2_weight 2 --dead_code_steps 50 --logging_steps 50 \
-  --save_checkpoint_steps 100 --device "$DEVICE" --no_progress --data_threads 0
-# its ceiling: the checker's accuracy of real renders after a round trip at 32 and 64 px
-[ -f "$W/ceiling.json" ] || python bench/bench_superres.py --ceiling "$W/vq3" --low 32 --high 64 --n "$N" \
-  | tee "$W/ceiling.json"
+vq_stage vq2 64 16 4e-4 "$VQ2_STEPS" 50 250 ceiling_vq2.json --init "$W/vq" --warmup_proportion 0.01
+vq_stage vq3 32 32 2e-4 "$VQ3_STEPS" 50 100 ceiling.json --init "$W/vq2" --warmup_proportion 0.01
 [ "$STOP_AFTER" = vq ] && exit 0
 
 # 3. a 32 px text→image GPT on pre-tokenized 8×8 codes (the 64 px images resized to 32 px)

@@ -646,7 +646,7 @@ class VQGAN(PretrainedModel):
         if batch_size is None and codes.device.type == "cpu":
             # on CPU, decode ≤ 256² output pixels at a time: the activations of one 256 px image stay in the
             # caches (f16_16384 at 256 px, batch 8: 992 against 1 193 ms per image fp32, 475 against 542 bf16)
-            f = 2 ** (len(self.config.ch_mult) - 1)
+            f = self.config.downsample_factor
             batch_size = max(1, 65536 // (codes.shape[1] * codes.shape[2] * f * f))
         out = []
         for chunk in codes.split(batch_size or max(1, codes.shape[0])):
