@@ -70,6 +70,54 @@ def test_save_load_and_bad_config(sr, tmp_path):
                  sr.vqgan, sr.tokenizer)
 
 
+@pytest.fixture(scope="module")
+def sr2(parts):
+    """The low side tokenized by a second VQGAN with another codebook and downsampling factor (f4, 16 px → 4×4)."""
+    vq, tok = parts
+    torch.manual_seed(1)
+    low_vq = VQGAN(VQGANConfig.preset("tiny", resolution=16, n_embed=24, ch_mult=[1, 2, 2])).eval()
+    c = SuperResConfig.build(text_len=12, img_len=16, img_vocab_size=64, text_vocab_size=tok.vocab_size,
+                             image_size=32, low_size=16, low_len=16, low_vocab_size=24, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(2)
+    return SuperRes(c, vq, tok, low_vqgan=low_vq).eval()
+
+
+def test_second_low_tokenizer(sr2, tmp_path):
+    c = sr2.config
+    assert sr2.low_grid == (4, 4) and c.low_offset == 64 + c.text_vocab_size
+    assert c.gpt.vocab_size == 64 + c.text_vocab_size + 24 and c.gpt.block_size == 12 + 16 + 16
+    imgs = [synth.render(synth.sample_attrs(i), 16) for i in range(3)]
+    low = sr2.encode_low(imgs)  # the low VQGAN's own codes
+    assert low.shape == (3, 16) and int(low.max()) < 24
+    assert torch.equal(low, sr2.low_vqgan.encode(torch.stack([
+        torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+        for im in imgs])).reshape(3, -1))
+    text = sr2.tokenize([PROMPT] * 3)
+    codes = sr2.upscale_codes(text, low, [0, 1, 2], top_k=1)
+    with torch.no_grad():
+        logits = sr2(text, low, codes)
+        # the low codes enter the GPT at their own ids, after the text's: the embedding rows of image codes differ
+        x = torch.cat([text, low + c.low_offset, codes[:, :-1]], dim=1)
+        assert torch.equal(logits, sr2.gpt(x, logits_start=c.text_len + c.low_len - 1))
+    assert torch.equal(logits.argmax(-1), codes)
+    sr2.save_pretrained(tmp_path / "sr2")
+    assert (tmp_path / "sr2" / "low_vqgan" / "config.json").exists()
+    again = SuperRes.from_pretrained(tmp_path / "sr2")
+    assert again.config.low_vocab_size == 24
+    assert torch.equal(again.upscale_codes(text, low, [0, 1, 2], top_k=1), codes)
+    a = sr2.upscale(imgs, PROMPT, seed=3)
+    assert [np.asarray(x).tolist() for x in a] == [np.asarray(x).tolist() for x in again.upscale(imgs, PROMPT, seed=3)]
+    import shutil
+    shutil.rmtree(tmp_path / "sr2" / "low_vqgan")
+    with pytest.raises(TuwenError, match="no low_vqgan/"):
+        SuperRes.from_pretrained(tmp_path / "sr2")
+    with pytest.raises(TuwenError, match="needs a low-res VQGAN"):
+        SuperRes(c, sr2.vqgan, sr2.tokenizer)
+    with pytest.raises(TuwenError, match="low-res VQGAN has 24 codes"):
+        SuperRes(c.replace(low_vocab_size=30, gpt=c.gpt.replace(vocab_size=64 + c.text_vocab_size + 30)),
+                 sr2.vqgan, sr2.tokenizer, low_vqgan=sr2.low_vqgan)
+
+
 def test_upscale_and_generate_cli(sr, parts, tmp_path, capsys):
     vq, tok = parts
     sr.save_pretrained(tmp_path / "sr")
@@ -110,4 +158,20 @@ def test_train_super_resolution_app(tmp_path, capsys):
     assert main(["--mode=evaluate", f"--tables={data}/val.tsv", "--input_schema=idx:str:1,text:str:1,imgbase64:str:1",
                  "--first_sequence=text", "--second_sequence=imgbase64", "--app_name=super_resolution",
                  f"--checkpoint_dir={run}", "--micro_batch_size=4"]) == 0
+    assert "bits_per_image_token" in capsys.readouterr().out
+    # the low side from a second tokenizer (f4: 16 px → 4×4 codes of a 24-entry codebook)
+    low_vq = tmp_path / "low_vq"
+    VQGAN(VQGANConfig.preset("tiny", resolution=16, n_embed=24, ch_mult=[1, 2, 2])).save_pretrained(low_vq)
+    run2 = tmp_path / "run2"
+    assert main(["--mode=train", f"--tables={data}/train.tsv,{data}/val.tsv",
+                 "--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
+                 "--second_sequence=imgbase64", "--learning_rate=1e-3", "--max_steps=2", "--micro_batch_size=4",
+                 "--app_name=super_resolution", "--no_progress", "--data_threads=0", f"--checkpoint_dir={run2}",
+                 f"--user_defined_parameters=vqgan_ckpt_path={vq} low_vqgan_ckpt_path={low_vq} size=32 text_len=12 "
+                 "n_layer=1 n_head=2 n_embd=32"]) == 0
+    m2 = SuperRes.from_pretrained(run2)
+    assert m2.config.low_vocab_size == 24 and m2.config.low_len == 16 and m2.low_grid == (4, 4)
+    assert main(["--mode=evaluate", f"--tables={data}/val.tsv", "--input_schema=idx:str:1,text:str:1,imgbase64:str:1",
+                 "--first_sequence=text", "--second_sequence=imgbase64", "--app_name=super_resolution",
+                 f"--checkpoint_dir={run2}", "--micro_batch_size=4"]) == 0
     assert "bits_per_image_token" in capsys.readouterr().out

@@ -390,6 +390,11 @@ class TextToImage(PretrainedModel):
         self.vqgan.save_pretrained(path / "vqgan")
 
     @classmethod
+    def _extra_parts(cls, path: Path, config: TextToImageConfig) -> dict:
+        """More constructor arguments a subclass reads from its folder (a second tokenizer); none here."""
+        return {}
+
+    @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, *,
                         vqgan_config: Any = None, vqgan_path: str | None = None, weights_dtype: str | None = None,
                         vq_dtype: str | None = None, **overrides) -> "TextToImage":
@@ -431,7 +436,8 @@ class TextToImage(PretrainedModel):
                                      f"({k}={getattr(config, k)})")
             config.sampling = config.sampling.replace(**sampling)
             tok = TextTokenizer.from_pretrained(path)
-            model = cls(config, load_vqgan(vqgan_path or path / "vqgan", config=vqgan_config), tok)
+            model = cls(config, load_vqgan(vqgan_path or path / "vqgan", config=vqgan_config), tok,
+                        **cls._extra_parts(path, config))
             load_state_dict_checked(model.gpt, load_weights(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
         else:
             if mt == "cogview" or (mt is None and cogview_ckpt.is_checkpoint_folder(path)):

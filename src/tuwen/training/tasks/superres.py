@@ -1,8 +1,8 @@
 """Token super-resolution training (``--app_name=super_resolution``) on the shared trainer: CogView's recipe.
 
 Each training image gives a pair: its codes at ``size`` (the target) and the codes of its 2× downsampled version
-(bicubic, antialiased) at ``size / 2`` (the condition), both from the same frozen VQGAN; the GPT learns
-p(high codes | text, low codes) (``tuwen.models.superres``). The data are text→image rows (EasyNLP TSV, CSV,
+(bicubic, antialiased) at ``size / 2`` (the condition), both from the same frozen VQGAN, or the low side from a
+second one (``low_vqgan_ckpt_path=``); the GPT learns p(high codes | text, low codes) (``tuwen.models.superres``). The data are text→image rows (EasyNLP TSV, CSV,
 JSONL, …: a text and an image column); everything else (flags, udp keys, finetuning, checkpoints) is text→image's.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ...convert.taming import load_vqgan
 from ...errors import TuwenError
 from ...models.gpt import GPT, PRESETS
 from ...models.superres import SuperRes, SuperResConfig, downsample
@@ -22,20 +23,21 @@ from .text2image import T2ITask, _image_sizes, _make_tokenizer, _scratch_vqgan, 
 
 
 class SRTrainModule(WithFrozen):
-    """The GPT, with the frozen VQGAN that tokenizes both sides of each pair."""
+    """The GPT, with the frozen VQGAN(s) that tokenize the two sides of each pair."""
 
-    def __init__(self, gpt: GPT, vqgan, text_len: int, low_size: int):
+    def __init__(self, gpt: GPT, vqgan, text_len: int, low_size: int, low_vqgan=None, low_offset: int = 0):
         super().__init__()
         self.gpt = gpt
         self.set_frozen("vqgan", vqgan)
-        self.text_len, self.low_size = text_len, low_size
+        self.set_frozen("low_vqgan", low_vqgan)  # None: the low side uses ``vqgan``
+        self.text_len, self.low_size, self.low_offset = text_len, low_size, low_offset
 
     def forward(self, batch: dict, step: int = 0) -> dict[str, torch.Tensor]:
-        vq = self.frozen("vqgan")
         img = batch["image"]  # [B, 3, size, size] in [-1, 1]
         with torch.no_grad():
-            high = vq.encode(img).flatten(1).clone()  # [B, img_len]
-            low = vq.encode(downsample(img, self.low_size)).flatten(1).clone()  # [B, low_len]
+            high = self.frozen("vqgan").encode(img).flatten(1).clone()  # [B, img_len]
+            low = (self.frozen("low_vqgan") or self.frozen("vqgan")).encode(downsample(img, self.low_size)).flatten(1)  # [B, low_len]
+            low = low + self.low_offset
         x = torch.cat([batch["text_ids"], low, high[:, :-1]], dim=1)
         logits = self.gpt(x, logits_start=self.text_len + low.shape[1] - 1)  # [B, img_len, img_vocab]
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), high.reshape(-1))
@@ -44,6 +46,10 @@ class SRTrainModule(WithFrozen):
 
 class SRTask(T2ITask):
     name = "super_resolution"
+
+    def __init__(self, args, udp: dict, *, low_vqgan=None, **kw):
+        super().__init__(args, udp, **kw)
+        self.low_vqgan = low_vqgan  # None: the low side uses the model's VQGAN
 
     @classmethod
     def from_udp(cls, args, udp: dict, log=print) -> "SRTask":
@@ -54,13 +60,18 @@ class SRTask(T2ITask):
                              "JSONL tables with an image column, not `tuwen vq tokenize` folders")
         pre = udp["pretrain_model_name_or_path"]
         if pre:
+            if udp.get("low_vqgan_ckpt_path"):
+                raise TuwenError(f"low_vqgan_ckpt_path= with pretrain_model_name_or_path={pre}: a finetuned model "
+                                 f"keeps its tokenizers; drop low_vqgan_ckpt_path")
             base = SuperRes.from_pretrained(pre)
-            return cls(args, udp, config=base.config, tokenizer=base.tokenizer, vqgan=base.vqgan, base=base)
+            return cls(args, udp, config=base.config, tokenizer=base.tokenizer, vqgan=base.vqgan,
+                       low_vqgan=base.low_vqgan, base=base)
         vqgan = _scratch_vqgan(udp)
         size, img_len = _image_sizes(udp, vqgan)
         if size % 2:
             raise TuwenError(f"size={size}: super-resolution doubles the size; give an even size")
-        lh, lw = vqgan.grid_size(size // 2)
+        low_vqgan = load_vqgan(udp["low_vqgan_ckpt_path"]) if udp.get("low_vqgan_ckpt_path") else None
+        lh, lw = (low_vqgan or vqgan).grid_size(size // 2)
         tokenizer = _make_tokenizer(udp, args, train_tables, log)
         preset = udp["gpt_preset"]
         if preset and preset not in PRESETS:
@@ -70,20 +81,23 @@ class SRTask(T2ITask):
         config = SuperResConfig.build(
             text_len=udp["text_len"] or 32, img_len=img_len, img_vocab_size=vqgan.config.n_embed,
             text_vocab_size=udp["text_vocab_size"] or tokenizer.vocab_size, image_size=size, low_size=size // 2,
-            low_len=lh * lw, n_layer=udp["n_layer"] or nl, n_head=udp["n_head"] or nh, n_embd=udp["n_embd"] or ne,
+            low_len=lh * lw, low_vocab_size=low_vqgan.config.n_embed if low_vqgan else 0, n_layer=udp["n_layer"] or nl, n_head=udp["n_head"] or nh, n_embd=udp["n_embd"] or ne,
             embd_pdrop=drop, resid_pdrop=drop, attn_pdrop=drop, sampling=default_sampling(udp, 0.0).replace(
                 top_k=udp["top_k"] or 8), **{k: bool(udp.get(k)) for k in GPT_STABILITY_FIELDS})
-        return cls(args, udp, config=config, tokenizer=tokenizer, vqgan=vqgan)
+        return cls(args, udp, config=config, tokenizer=tokenizer, vqgan=vqgan, low_vqgan=low_vqgan)
 
     def build_module(self, gpt: GPT | None = None) -> SRTrainModule:
         c = self.config
-        return SRTrainModule(self.new_gpt() if gpt is None else gpt, self.vqgan, c.text_len, c.low_size)
+        return SRTrainModule(self.new_gpt() if gpt is None else gpt, self.vqgan, c.text_len, c.low_size,
+                             low_vqgan=self.low_vqgan, low_offset=c.low_offset)
 
     def _model(self, module: SRTrainModule) -> SuperRes:
-        return SuperRes(self.config, module.frozen("vqgan"), self.tokenizer, gpt=module.gpt)
+        return SuperRes(self.config, module.frozen("vqgan"), self.tokenizer, gpt=module.gpt,
+                        low_vqgan=module.frozen("low_vqgan"))
 
     def sample_images(self, module, batch):
         model = self._model(module)
-        low = model.vqgan.encode(downsample(batch["image"][:4].to(model.device), self.config.low_size)).flatten(1)
+        px = downsample(batch["image"][:4].to(model.device), self.config.low_size)
+        low = model.low_tokenizer.encode(px).flatten(1)
         codes = model.upscale_codes(batch["text_ids"][:4], low, list(range(len(low))))
         return model.decode_codes(codes)
