@@ -2,8 +2,9 @@
 
 Each training image gives a pair: its codes at ``size`` (the target) and the codes of its 2× downsampled version
 (bicubic, antialiased) at ``size / 2`` (the condition), both from the same frozen VQGAN, or the low side from a
-second one (``low_vqgan_ckpt_path=``); the GPT learns p(high codes | text, low codes) (``tuwen.models.superres``). The data are text→image rows (EasyNLP TSV, CSV,
-JSONL, …: a text and an image column); everything else (flags, udp keys, finetuning, checkpoints) is text→image's.
+second one (``low_vqgan_ckpt_path=``); the GPT learns p(high codes | text, low codes) (``tuwen.models.superres``).
+The data are text→image rows (EasyNLP TSV, CSV, JSONL, …: a text and an image column); everything else (flags,
+udp keys, finetuning, checkpoints) is text→image's.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ class SRTrainModule(WithFrozen):
         img = batch["image"]  # [B, 3, size, size] in [-1, 1]
         with torch.no_grad():
             high = self.frozen("vqgan").encode(img).flatten(1).clone()  # [B, img_len]
-            low = (self.frozen("low_vqgan") or self.frozen("vqgan")).encode(downsample(img, self.low_size)).flatten(1)  # [B, low_len]
-            low = low + self.low_offset
+            low_vq = self.frozen("low_vqgan") or self.frozen("vqgan")
+            low = low_vq.encode(downsample(img, self.low_size)).flatten(1) + self.low_offset  # [B, low_len] ids
         x = torch.cat([batch["text_ids"], low, high[:, :-1]], dim=1)
         logits = self.gpt(x, logits_start=self.text_len + low.shape[1] - 1)  # [B, img_len, img_vocab]
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), high.reshape(-1))
@@ -71,7 +72,7 @@ class SRTask(T2ITask):
         if size % 2:
             raise TuwenError(f"size={size}: super-resolution doubles the size; give an even size")
         low_vqgan = load_vqgan(udp["low_vqgan_ckpt_path"]) if udp.get("low_vqgan_ckpt_path") else None
-        lh, lw = (low_vqgan or vqgan).grid_size(size // 2)
+        lh, lw = (vqgan if low_vqgan is None else low_vqgan).grid_size(size // 2)
         tokenizer = _make_tokenizer(udp, args, train_tables, log)
         preset = udp["gpt_preset"]
         if preset and preset not in PRESETS:
@@ -81,7 +82,8 @@ class SRTask(T2ITask):
         config = SuperResConfig.build(
             text_len=udp["text_len"] or 32, img_len=img_len, img_vocab_size=vqgan.config.n_embed,
             text_vocab_size=udp["text_vocab_size"] or tokenizer.vocab_size, image_size=size, low_size=size // 2,
-            low_len=lh * lw, low_vocab_size=low_vqgan.config.n_embed if low_vqgan else 0, n_layer=udp["n_layer"] or nl, n_head=udp["n_head"] or nh, n_embd=udp["n_embd"] or ne,
+            low_len=lh * lw, low_vocab_size=low_vqgan.config.n_embed if low_vqgan is not None else 0,
+            n_layer=udp["n_layer"] or nl, n_head=udp["n_head"] or nh, n_embd=udp["n_embd"] or ne,
             embd_pdrop=drop, resid_pdrop=drop, attn_pdrop=drop, sampling=default_sampling(udp, 0.0).replace(
                 top_k=udp["top_k"] or 8), **{k: bool(udp.get(k)) for k in GPT_STABILITY_FIELDS})
         return cls(args, udp, config=config, tokenizer=tokenizer, vqgan=vqgan, low_vqgan=low_vqgan)
