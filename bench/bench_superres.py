@@ -1,14 +1,15 @@
 """Token super-resolution on the synthetic set: checker accuracy and sharpness, SR vs bicubic upsampling.
 
-    python bench/bench_superres.py --sr SR_DIR --t2i T2I_DIR [--n 64]     # generations upscaled 2×
+    python bench/bench_superres.py --sr SR_DIR --t2i T2I_DIR [--n 64] [--top_k K]   # generations upscaled 2×
     python bench/bench_superres.py --ceiling VQGAN_DIR --low 32 --high 64    # what the tokenizer allows
 
 With ``--sr`` / ``--t2i``: ``n`` prompts of seen colour/shape pairs; the text→image model (its image size must be the
 SR model's ``low_size``) draws one image per prompt; each is upscaled 2× by bicubic interpolation and by the SR model
-(same prompt). Reported for low-res, bicubic and SR images: the attribute checker's object/image accuracy and the
-sharpness (mean absolute difference of neighbouring grey levels, horizontal + vertical, 0–255 scale; higher =
-sharper / more edges; real renders at the high size given for reference — VQ artefacts raise it too, so read it
-with the accuracy).
+(same prompt; the SR model's sampling defaults, or ``--top_k``). Reported for low-res, bicubic and SR images: the
+attribute checker's object/image accuracy and the sharpness (mean absolute difference of neighbouring grey levels,
+horizontal + vertical, 0–255 scale; higher = sharper / more edges; real renders at the high size given for
+reference — VQ artefacts raise it too, so read it with the accuracy). ``real_low``: the same for the SR model alone,
+on real renders downsampled to the low size (bicubic) instead of generations.
 
 With ``--ceiling``: the checker's accuracy of real renders after a VQGAN round trip at both sizes — the best any
 token model on that tokenizer can reach (a VQGAN trained at one size may tokenize the other poorly).
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--top_k", type=int, default=None, help="SR sampling top_k (default: the SR model's)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.ceiling:
@@ -82,15 +84,20 @@ def main() -> None:
                          f"{sr.config.low_size} px")
     attrs = attrs_list(a.n)
     prompts = [synth.caption(x) for x in attrs]
-    low = [g[0] for g in t2i.generate(prompts, seed=a.seed)]
-    big = sr.config.image_size
-    bicubic = [im.resize((big, big), Image.BICUBIC) for im in low]
-    up = sr.upscale(low, prompts, seed=a.seed)
+    big, small = sr.config.image_size, sr.config.low_size
     real = [synth.render(x, big) for x in attrs]
-    res = {"n": a.n, "low": {**acc(low, attrs), "sharpness": sharpness(low)},
-           "bicubic": {**acc(bicubic, attrs), "sharpness": sharpness(bicubic)},
-           "super_resolution": {**acc(up, attrs), "sharpness": sharpness(up)},
-           "real_high": {"sharpness": sharpness(real)}}
+
+    def compare(low: list) -> dict:  # low-res images → bicubic 2× and SR 2×, each scored
+        bicubic = [im.resize((big, big), Image.BICUBIC) for im in low]
+        up = sr.upscale(low, prompts, seed=a.seed, top_k=a.top_k)
+        return {"low": {**acc(low, attrs), "sharpness": sharpness(low)},
+                "bicubic": {**acc(bicubic, attrs), "sharpness": sharpness(bicubic)},
+                "super_resolution": {**acc(up, attrs), "sharpness": sharpness(up)}}
+
+    res = {"n": a.n, "sr_top_k": a.top_k or sr.config.sampling.top_k,
+           **compare([g[0] for g in t2i.generate(prompts, seed=a.seed)]),
+           "real_high": {"sharpness": sharpness(real)},
+           "real_low": compare([im.resize((small, small), Image.BICUBIC) for im in real])}
     print(json.dumps(res))
 
 

@@ -143,35 +143,24 @@ def test_upscale_and_generate_cli(sr, parts, tmp_path, capsys):
 def test_train_super_resolution_app(tmp_path, capsys):
     data = tmp_path / "data"
     synth.write_dataset(data, n=24, size=32, seed=0)
+    schema = ["--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
+              "--second_sequence=imgbase64", "--app_name=super_resolution", "--micro_batch_size=4"]
+
+    def train_and_evaluate(run, udp: str) -> SuperRes:
+        assert main(["--mode=train", f"--tables={data}/train.tsv,{data}/val.tsv", *schema, "--learning_rate=1e-3",
+                     "--max_steps=2", "--no_progress", "--data_threads=0", f"--checkpoint_dir={run}",
+                     f"--user_defined_parameters={udp} size=32 text_len=12 n_layer=1 n_head=2 n_embd=32"]) == 0
+        assert main(["--mode=evaluate", f"--tables={data}/val.tsv", *schema, f"--checkpoint_dir={run}"]) == 0
+        assert "bits_per_image_token" in capsys.readouterr().out
+        return SuperRes.from_pretrained(run)
+
     vq = tmp_path / "vq"
     torch.manual_seed(0)
     VQGAN(VQGANConfig.preset("tiny", resolution=32, n_embed=64)).save_pretrained(vq)
-    run = tmp_path / "run"
-    assert main(["--mode=train", f"--tables={data}/train.tsv,{data}/val.tsv",
-                 "--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
-                 "--second_sequence=imgbase64", "--learning_rate=1e-3", "--max_steps=2", "--micro_batch_size=4",
-                 "--app_name=super_resolution", "--no_progress", "--data_threads=0", f"--checkpoint_dir={run}",
-                 f"--user_defined_parameters=vqgan_ckpt_path={vq} size=32 text_len=12 n_layer=1 n_head=2 n_embd=32"
-                 ]) == 0
-    m = SuperRes.from_pretrained(run)
-    assert m.config.low_size == 16 and m.config.image_size == 32
-    assert main(["--mode=evaluate", f"--tables={data}/val.tsv", "--input_schema=idx:str:1,text:str:1,imgbase64:str:1",
-                 "--first_sequence=text", "--second_sequence=imgbase64", "--app_name=super_resolution",
-                 f"--checkpoint_dir={run}", "--micro_batch_size=4"]) == 0
-    assert "bits_per_image_token" in capsys.readouterr().out
+    m = train_and_evaluate(tmp_path / "run", f"vqgan_ckpt_path={vq}")
+    assert m.config.low_size == 16 and m.config.image_size == 32 and m.config.low_vocab_size == 0
     # the low side from a second tokenizer (f4: 16 px → 4×4 codes of a 24-entry codebook)
     low_vq = tmp_path / "low_vq"
     VQGAN(VQGANConfig.preset("tiny", resolution=16, n_embed=24, ch_mult=[1, 2, 2])).save_pretrained(low_vq)
-    run2 = tmp_path / "run2"
-    assert main(["--mode=train", f"--tables={data}/train.tsv,{data}/val.tsv",
-                 "--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
-                 "--second_sequence=imgbase64", "--learning_rate=1e-3", "--max_steps=2", "--micro_batch_size=4",
-                 "--app_name=super_resolution", "--no_progress", "--data_threads=0", f"--checkpoint_dir={run2}",
-                 f"--user_defined_parameters=vqgan_ckpt_path={vq} low_vqgan_ckpt_path={low_vq} size=32 text_len=12 "
-                 "n_layer=1 n_head=2 n_embd=32"]) == 0
-    m2 = SuperRes.from_pretrained(run2)
+    m2 = train_and_evaluate(tmp_path / "run2", f"vqgan_ckpt_path={vq} low_vqgan_ckpt_path={low_vq}")
     assert m2.config.low_vocab_size == 24 and m2.config.low_len == 16 and m2.low_grid == (4, 4)
-    assert main(["--mode=evaluate", f"--tables={data}/val.tsv", "--input_schema=idx:str:1,text:str:1,imgbase64:str:1",
-                 "--first_sequence=text", "--second_sequence=imgbase64", "--app_name=super_resolution",
-                 f"--checkpoint_dir={run2}", "--micro_batch_size=4"]) == 0
-    assert "bits_per_image_token" in capsys.readouterr().out
