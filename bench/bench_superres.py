@@ -6,9 +6,17 @@
 With ``--sr`` / ``--t2i``: ``n`` prompts of seen colour/shape pairs; the text→image model (its image size must be the
 SR model's ``low_size``) draws one image per prompt; each is upscaled 2× by bicubic interpolation and by the SR model
 (same prompt; the SR model's sampling defaults, or ``--top_k``). Reported for low-res, bicubic and SR images: the
-attribute checker's object/image accuracy and the sharpness (mean absolute difference of neighbouring grey levels,
-horizontal + vertical, 0–255 scale; higher = sharper / more edges; real renders at the high size given for
-reference — VQ artefacts raise it too, so read it with the accuracy). ``real_low``: the same for the SR model alone,
+attribute checker's object/image accuracy and two sharpness measures (real renders at the high size given for
+reference):
+
+* ``edge_sharpness``: how much of the image's contrast its crispest edges cross in one pixel — the 99th percentile
+  over pixels of max(|horizontal|, |vertical| neighbour difference) of the grey image, divided by its contrast
+  (99.5th − 0.5th percentile grey level). A one-pixel step scores near 1, a blurred ramp low; noise in flat areas
+  stays below the top 1 % of pixels. Measured on 32 real renders: 64 px 0.58, downsampled to 32 px then bicubic 2×
+  0.30, nearest-neighbour 2× 0.54.
+* ``sharpness``: the mean absolute difference of neighbouring grey levels (horizontal + vertical, 0–255 scale). It
+  counts every change, so noise and VQ artefacts raise it as much as edges do: real 64 px renders score lower
+  (2.4–2.7) than bicubic-upscaled noisy generations. Kept for comparison with earlier figures. ``real_low``: the same for the SR model alone,
 on real renders downsampled to the low size (bicubic) instead of generations.
 
 With ``--ceiling``: the checker's accuracy of real renders after a VQGAN round trip at both sizes — the best any
@@ -30,6 +38,20 @@ def sharpness(images) -> float:
         a = np.asarray(im.convert("L"), np.float32)
         vals.append(np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean())
     return round(float(np.mean(vals)), 3)
+
+
+def edge_sharpness(images) -> float:
+    vals = []
+    for im in images:
+        a = np.asarray(im.convert("L"), np.float32)
+        g = np.maximum(np.abs(np.diff(a, axis=0))[:, :-1], np.abs(np.diff(a, axis=1))[:-1, :])
+        contrast = np.percentile(a, 99.5) - np.percentile(a, 0.5)
+        vals.append(np.percentile(g, 99) / max(contrast, 1.0))
+    return round(float(np.mean(vals)), 3)
+
+
+def scores(images, attrs) -> dict:
+    return {**acc(images, attrs), "edge_sharpness": edge_sharpness(images), "sharpness": sharpness(images)}
 
 
 def attrs_list(n: int):
@@ -90,13 +112,11 @@ def main() -> None:
     def compare(low: list) -> dict:  # low-res images → bicubic 2× and SR 2×, each scored
         bicubic = [im.resize((big, big), Image.BICUBIC) for im in low]
         up = sr.upscale(low, prompts, seed=a.seed, top_k=a.top_k)
-        return {"low": {**acc(low, attrs), "sharpness": sharpness(low)},
-                "bicubic": {**acc(bicubic, attrs), "sharpness": sharpness(bicubic)},
-                "super_resolution": {**acc(up, attrs), "sharpness": sharpness(up)}}
+        return {"low": scores(low, attrs), "bicubic": scores(bicubic, attrs), "super_resolution": scores(up, attrs)}
 
     res = {"n": a.n, "sr_top_k": a.top_k or sr.config.sampling.top_k,
            **compare([g[0] for g in t2i.generate(prompts, seed=a.seed)]),
-           "real_high": {"sharpness": sharpness(real)},
+           "real_high": {"edge_sharpness": edge_sharpness(real), "sharpness": sharpness(real)},
            "real_low": compare([im.resize((small, small), Image.BICUBIC) for im in real])}
     print(json.dumps(res))
 
