@@ -17,7 +17,10 @@ reference):
 * ``sharpness``: the mean absolute difference of neighbouring grey levels (horizontal + vertical, 0–255 scale). It
   counts every change, so noise and VQ artefacts raise it as much as edges do: real 64 px renders score lower
   (2.4–2.7) than bicubic-upscaled noisy generations. Kept for comparison with earlier figures. ``real_low``: the same for the SR model alone,
-on real renders downsampled to the low size (bicubic) instead of generations.
+on real renders downsampled to the low size (bicubic) instead of generations. For each upscaler, how it treats its
+input: ``kept`` / ``fixed`` (images right after upscaling among those right / wrong before — a text-conditioned
+SR model can redraw a wrong generation to fit its prompt) and ``consistency_psnr`` (the upscaled image shrunk back
+against the input; how much of the input it keeps).
 
 With ``--ceiling``: the checker's accuracy of real renders after a VQGAN round trip at both sizes — the best any
 token model on that tokenizer can reach (a VQGAN trained at one size may tokenize the other poorly).
@@ -63,6 +66,26 @@ def acc(images, attrs) -> dict:
     from tuwen.data import checker
     s = checker.score(images, attrs)
     return {"object": round(s["object"], 3), "image": round(s["image"], 3)}
+
+
+def images_right(images, attrs) -> np.ndarray:
+    """Per image: every object right (the checker's ``image`` accuracy, unaveraged)."""
+    from tuwen.data import checker
+    d = checker.score(images, attrs, details=True)["details"]
+    return np.array([bool(r) and all(o["ok"] for o in r) for r in d])
+
+
+def faithfulness(low, up, attrs) -> dict:
+    """How an upscaler treats its input: ``kept`` = images right after upscaling among those right before,
+    ``fixed`` = right after among those wrong before, ``consistency_psnr`` = PSNR (dB) of the upscaled image
+    shrunk back to the low size (bicubic, antialiased) against the low-res input."""
+    before, after = images_right(low, attrs), images_right(up, attrs)
+    small = low[0].size
+    mse = np.mean([np.mean((np.asarray(u.convert("RGB").resize(small, Image.BICUBIC), np.float32)
+                            - np.asarray(x.convert("RGB"), np.float32)) ** 2) for u, x in zip(up, low)])
+    return {"kept": round(float(after[before].mean()), 3) if before.any() else None,
+            "fixed": round(float(after[~before].mean()), 3) if (~before).any() else None,
+            "consistency_psnr": round(float(10 * np.log10(255 ** 2 / max(mse, 1e-10))), 2)}
 
 
 def ceiling(vq_dir: str, low: int, high: int, n: int) -> dict:
@@ -112,7 +135,8 @@ def main() -> None:
     def compare(low: list) -> dict:  # low-res images → bicubic 2× and SR 2×, each scored
         bicubic = [im.resize((big, big), Image.BICUBIC) for im in low]
         up = sr.upscale(low, prompts, seed=a.seed, top_k=a.top_k)
-        return {"low": scores(low, attrs), "bicubic": scores(bicubic, attrs), "super_resolution": scores(up, attrs)}
+        return {"low": scores(low, attrs), "bicubic": {**scores(bicubic, attrs), **faithfulness(low, bicubic, attrs)},
+                "super_resolution": {**scores(up, attrs), **faithfulness(low, up, attrs)}}
 
     res = {"n": a.n, "sr_top_k": a.top_k or sr.config.sampling.top_k,
            **compare([g[0] for g in t2i.generate(prompts, seed=a.seed)]),
