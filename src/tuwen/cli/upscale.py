@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--text", required=True, help="the text describing the image(s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="tuwen_upscale", help="output folder: NAME_x2.png per input")
-    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_k", type=int, default=None,
+                   help="sampling top_k (default: the model's; --app_name=super_resolution saves 1, greedy)")
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

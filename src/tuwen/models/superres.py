@@ -62,7 +62,9 @@ class SuperResConfig(TextToImageConfig):
     low_size: int = 32
     low_len: int = 16
     low_vocab_size: int = 0
-    sampling: SamplingParams = dataclasses.field(default_factory=lambda: SamplingParams(top_k=8))
+    # greedy: on the synthetic proof (README "Token super-resolution") top_k 1 kept more objects than top_k 8,
+    # on generations (92.8 against 88.7 %) and on real renders (96.9 against 94.8 %)
+    sampling: SamplingParams = dataclasses.field(default_factory=lambda: SamplingParams(top_k=1))
 
     @property
     def low_offset(self) -> int:

@@ -85,7 +85,7 @@ class SRTask(T2ITask):
             low_len=lh * lw, low_vocab_size=low_vqgan.config.n_embed if low_vqgan is not None else 0,
             n_layer=udp["n_layer"] or nl, n_head=udp["n_head"] or nh, n_embd=udp["n_embd"] or ne,
             embd_pdrop=drop, resid_pdrop=drop, attn_pdrop=drop, sampling=default_sampling(udp, 0.0).replace(
-                top_k=udp["top_k"] or 8), **{k: bool(udp.get(k)) for k in GPT_STABILITY_FIELDS})
+                top_k=udp["top_k"] or 1), **{k: bool(udp.get(k)) for k in GPT_STABILITY_FIELDS})
         return cls(args, udp, config=config, tokenizer=tokenizer, vqgan=vqgan, low_vqgan=low_vqgan)
 
     def build_module(self, gpt: GPT | None = None) -> SRTrainModule:
