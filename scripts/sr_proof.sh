@@ -5,8 +5,8 @@
 #
 #   OMP_NUM_THREADS=1 bash scripts/sr_proof.sh [WORK_DIR]      # default: runs/sr_proof
 #
-# Step counts and widths (text→image 4×192, SR 4×192) are small so that it runs in about 2 h 10 min on one CPU core
-# (tokenizer 11 min, text→image 15 + 38 min, SR 60 min); raise them (VQ_STEPS, T2I_STEPS, T2I2_STEPS, SR_STEPS) and
+# Step counts and widths (text→image 4×192, SR 4×192) are small so that it runs in about 2 h on one CPU core
+# (tokenizer 11 min, text→image 15 + 38 min, SR 56 min, bench 1 min); raise them (VQ_STEPS, T2I_STEPS, T2I2_STEPS, SR_STEPS) and
 # set DEVICE=cuda for a stronger result. Each step is skipped when its model.safetensors exists — the trainers write
 # it at every evaluation (best so far), so after an interrupted step delete that step's folder before rerunning.
 set -euo pipefail
