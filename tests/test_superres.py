@@ -153,6 +153,10 @@ def test_upscale_and_generate_cli(sr, parts, tmp_path, capsys):
     assert main(["upscale", str(tmp_path / "nope.png"), "--model", str(tmp_path / "sr"), "--text", PROMPT]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["generate", PROMPT, "--super_resolution", str(tmp_path / "nope")]) == 2
+    capsys.readouterr()
+    # the shipped demo draws 64 px images; this SR model takes 16 px ones
+    assert main(["generate", PROMPT, "--super_resolution", str(tmp_path / "sr"), "--out", str(tmp_path / "g2")]) == 2
+    assert "draws 64 px images; use an SR model trained with size=128" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -92,6 +92,10 @@ def run(a: argparse.Namespace) -> int:
                                         weights_dtype=resolve_weights_dtype(a.weights_dtype, device,
                                                                             "--weights_dtype"),
                                         vq_dtype=vq_dtype).to(device)
+    if sr is not None and sr.config.low_size != model.config.image_size:
+        raise TuwenError(f"--super_resolution {a.super_resolution} upscales {sr.config.low_size} px images to "
+                         f"{sr.config.image_size} px, but {model_path} draws {model.config.image_size} px images; "
+                         f"use an SR model trained with size={2 * model.config.image_size}")
     for p in a.prompts:
         for w in model.prompt_warnings(p):
             print(f"warning: {w}", file=sys.stderr)
