@@ -184,3 +184,9 @@ def test_train_super_resolution_app(tmp_path, capsys):
     VQGAN(VQGANConfig.preset("tiny", resolution=16, n_embed=24, ch_mult=[1, 2, 2])).save_pretrained(low_vq)
     m2 = train_and_evaluate(tmp_path / "run2", f"vqgan_ckpt_path={vq} low_vqgan_ckpt_path={low_vq}")
     assert m2.config.low_vocab_size == 24 and m2.config.low_len == 16 and m2.low_grid == (4, 4)
+    # the last checkpoint exported as a model folder, second tokenizer included
+    assert main(["export", str(tmp_path / "run2"), str(tmp_path / "exported")]) == 0
+    m3 = SuperRes.from_pretrained(tmp_path / "exported")
+    assert m3.config.low_vocab_size == 24
+    assert all(torch.equal(a, b) for a, b in zip(m3.low_vqgan.state_dict().values(),
+                                                 m2.low_vqgan.state_dict().values()))

@@ -24,6 +24,7 @@ from pathlib import Path
 TASK_PARTS = {
     "vqgan": {"vqgan": ""},
     "text2image": {"gpt": "gpt"},
+    "super_resolution": {"gpt": "gpt"},
     "captioning": {"gpt": "gpt", "vit": "vit"},
     "clip": {"clip": ""},
 }
@@ -48,6 +49,9 @@ def _model_class(model_type: str | None, where: Path):
     if model_type == "text2image":
         from ..models.text2image import TextToImage
         return TextToImage
+    if model_type == "superres":
+        from ..models.superres import SuperRes
+        return SuperRes
     if model_type == "captioner":
         from ..models.captioner import Captioner
         return Captioner
@@ -55,7 +59,7 @@ def _model_class(model_type: str | None, where: Path):
         from ..models.clip import CLIP
         return CLIP
     raise TuwenError(f"--model {where}: model_type {model_type!r} is not a tuwen model folder that training "
-                     f"writes (vqgan, text2image, captioner, clip)")
+                     f"writes (vqgan, text2image, superres, captioner, clip)")
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, model_dir: str | Path | None = None) -> dict:
