@@ -84,8 +84,8 @@ vqgan_ckpt_path=$W/vq3 n_layer=4 n_head=4 n_embd=192 dropout=0.0 cfg_drop_prob=0
 size=64 text_len=32 n_layer=4 n_head=4 n_embd=192 dropout=0.0"
 [ "$STOP_AFTER" = sr ] && exit 0
 
-# 5. the proof: checker accuracy + sharpness of the 32 px generations, bicubic 2× and SR 2× (greedy and the SR
-# model's default top_k 8); "real_low": the same for real 64 px renders downsampled to 32 px
+# 5. the proof: checker accuracy + sharpness of the 32 px generations, bicubic 2× and SR 2× (greedy, the default
+# of new SR models, and top_k 8); "real_low": the same for real 64 px renders downsampled to 32 px
 for k in 1 8; do
   python bench/bench_superres.py --sr "$W/sr2" --t2i "$W/t2i32b" --n "$N" --top_k $k | tee "$W/bench_top$k.json"
 done
