@@ -184,6 +184,14 @@ def test_train_super_resolution_app(tmp_path, capsys):
     VQGAN(VQGANConfig.preset("tiny", resolution=16, n_embed=24, ch_mult=[1, 2, 2])).save_pretrained(low_vq)
     m2 = train_and_evaluate(tmp_path / "run2", f"vqgan_ckpt_path={vq} low_vqgan_ckpt_path={low_vq}")
     assert m2.config.low_vocab_size == 24 and m2.config.low_len == 16 and m2.low_grid == (4, 4)
+    # finetuning keeps both tokenizers; naming another low tokenizer then is a mistake
+    m4 = train_and_evaluate(tmp_path / "run4", f"pretrain_model_name_or_path={tmp_path / 'run2'}")
+    assert m4.config.low_vocab_size == 24 and all(torch.equal(a, b) for a, b in zip(
+        m4.low_vqgan.state_dict().values(), m2.low_vqgan.state_dict().values()))
+    assert main(["--mode=train", f"--tables={data}/train.tsv,{data}/val.tsv", *schema, "--max_steps=1",
+                 f"--checkpoint_dir={tmp_path / 'run5'}", f"--user_defined_parameters=pretrain_model_name_or_path="
+                 f"{tmp_path / 'run2'} low_vqgan_ckpt_path={low_vq}"]) == 2
+    assert "a finetuned model keeps its tokenizers" in capsys.readouterr().err
     # the last checkpoint exported as a model folder, second tokenizer included
     assert main(["export", str(tmp_path / "run2"), str(tmp_path / "exported")]) == 0
     m3 = SuperRes.from_pretrained(tmp_path / "exported")
