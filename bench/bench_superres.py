@@ -16,11 +16,13 @@ reference):
   0.30, nearest-neighbour 2× 0.54.
 * ``sharpness``: the mean absolute difference of neighbouring grey levels (horizontal + vertical, 0–255 scale). It
   counts every change, so noise and VQ artefacts raise it as much as edges do: real 64 px renders score lower
-  (2.4–2.7) than bicubic-upscaled noisy generations. Kept for comparison with earlier figures. ``real_low``: the same for the SR model alone,
-on real renders downsampled to the low size (bicubic) instead of generations. For each upscaler, how it treats its
-input: ``kept`` / ``fixed`` (images right after upscaling among those right / wrong before — a text-conditioned
-SR model can redraw a wrong generation to fit its prompt) and ``consistency_psnr`` (the upscaled image shrunk back
-against the input; how much of the input it keeps).
+  (2.4–2.7) than bicubic-upscaled noisy generations. Kept for comparison with earlier figures.
+
+For each upscaler, how it treats its input: ``kept`` / ``fixed`` (images right after upscaling among those right /
+wrong before — a text-conditioned SR model can redraw a wrong generation to fit its prompt) and
+``consistency_psnr`` (the upscaled image shrunk back against the input; how much of the input it keeps).
+``real_low``: all of the above for real renders downsampled to the low size (bicubic) instead of generations — the
+SR model alone.
 
 With ``--ceiling``: the checker's accuracy of real renders after a VQGAN round trip at both sizes — the best any
 token model on that tokenizer can reach (a VQGAN trained at one size may tokenize the other poorly).
