@@ -41,7 +41,7 @@ from .gpt import GPT, GPTConfig
 from .text2image import TextToImage, TextToImageConfig, image_seed
 from .vqgan import VQGAN
 
-__all__ = ["SuperRes", "SuperResConfig", "downsample", "MODEL_TYPE"]
+__all__ = ["SuperRes", "SuperResConfig", "downsample", "sr_logits", "MODEL_TYPE"]
 
 MODEL_TYPE = "superres"
 
@@ -96,6 +96,16 @@ class SuperResConfig(TextToImageConfig):
             g.block_size, g.vocab_size = saved
 
 
+def sr_logits(gpt: GPT, config: SuperResConfig, text_ids: torch.Tensor, low_codes: torch.Tensor,
+              high_codes: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits [B, img_len, img_vocab] of ``[text][low ids][high[:-1]]`` (logit i predicts high code
+    i; ``low_codes`` are the low tokenizer's codes, offset here); ``SuperRes.forward`` and the training loss share
+    it."""
+    c = config
+    x = torch.cat([text_ids, low_codes + c.low_offset, high_codes[:, :-1]], dim=1)  # [B, T + L + img_len - 1]
+    return gpt(x, logits_start=c.text_len + c.low_len - 1)
+
+
 class SuperRes(TextToImage):
     """GPT + VQGAN (+ a low-res VQGAN) + tokenizer mapping (text, low-res codes) → high-res codes. Saved/loaded as a
     text→image folder (``from_pretrained``, ``save_pretrained``) with model_type ``superres``."""
@@ -141,9 +151,7 @@ class SuperRes(TextToImage):
     def forward(self, text_ids: torch.Tensor, low_codes: torch.Tensor, high_codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, img_len, img_vocab]: logit i predicts high-res code i (``low_codes``: the low
         tokenizer's codes, as ``encode_low`` gives them)."""
-        c = self.config
-        x = torch.cat([text_ids, low_codes + c.low_offset, high_codes[:, :-1]], dim=1)  # [B, T + L + img_len - 1]
-        return self.gpt(x, logits_start=c.text_len + c.low_len - 1)
+        return sr_logits(self.gpt, self.config, text_ids, low_codes, high_codes)
 
     @torch.inference_mode()
     def upscale_codes(self, text_ids: torch.Tensor, low_codes: torch.Tensor, seeds, **sampling) -> torch.Tensor:

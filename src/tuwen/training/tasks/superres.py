@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ...convert.taming import load_vqgan
 from ...errors import TuwenError
 from ...models.gpt import GPT, PRESETS
-from ...models.superres import SuperRes, SuperResConfig, downsample
+from ...models.superres import SuperRes, SuperResConfig, downsample, sr_logits
 from ...models.text2image import GPT_STABILITY_FIELDS
 from .common import WithFrozen
 from .text2image import T2ITask, _image_sizes, _make_tokenizer, _scratch_vqgan, check_no_txt_loss, default_sampling, \
@@ -26,21 +26,20 @@ from .text2image import T2ITask, _image_sizes, _make_tokenizer, _scratch_vqgan, 
 class SRTrainModule(WithFrozen):
     """The GPT, with the frozen VQGAN(s) that tokenize the two sides of each pair."""
 
-    def __init__(self, gpt: GPT, vqgan, text_len: int, low_size: int, low_vqgan=None, low_offset: int = 0):
+    def __init__(self, gpt: GPT, vqgan, config: SuperResConfig, low_vqgan=None):
         super().__init__()
         self.gpt = gpt
         self.set_frozen("vqgan", vqgan)
         self.set_frozen("low_vqgan", low_vqgan)  # None: the low side uses ``vqgan``
-        self.text_len, self.low_size, self.low_offset = text_len, low_size, low_offset
+        self.config = config
 
     def forward(self, batch: dict, step: int = 0) -> dict[str, torch.Tensor]:
         img = batch["image"]  # [B, 3, size, size] in [-1, 1]
         with torch.no_grad():
             high = self.frozen("vqgan").encode(img).flatten(1).clone()  # [B, img_len]
             low_vq = self.frozen("low_vqgan") or self.frozen("vqgan")
-            low = low_vq.encode(downsample(img, self.low_size)).flatten(1) + self.low_offset  # [B, low_len] ids
-        x = torch.cat([batch["text_ids"], low, high[:, :-1]], dim=1)
-        logits = self.gpt(x, logits_start=self.text_len + low.shape[1] - 1)  # [B, img_len, img_vocab]
+            low = low_vq.encode(downsample(img, self.config.low_size)).flatten(1).clone()  # [B, low_len]
+        logits = sr_logits(self.gpt, self.config, batch["text_ids"], low, high)  # [B, img_len, img_vocab]
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), high.reshape(-1))
         return {"loss": loss, "bits_per_token": loss.detach() / math.log(2)}
 
@@ -89,9 +88,8 @@ class SRTask(T2ITask):
         return cls(args, udp, config=config, tokenizer=tokenizer, vqgan=vqgan, low_vqgan=low_vqgan)
 
     def build_module(self, gpt: GPT | None = None) -> SRTrainModule:
-        c = self.config
-        return SRTrainModule(self.new_gpt() if gpt is None else gpt, self.vqgan, c.text_len, c.low_size,
-                             low_vqgan=self.low_vqgan, low_offset=c.low_offset)
+        return SRTrainModule(self.new_gpt() if gpt is None else gpt, self.vqgan, self.config,
+                             low_vqgan=self.low_vqgan)
 
     def _model(self, module: SRTrainModule) -> SuperRes:
         return SuperRes(self.config, module.frozen("vqgan"), self.tokenizer, gpt=module.gpt,
