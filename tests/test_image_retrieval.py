@@ -119,3 +119,19 @@ def test_random_feature_fd_is_zero_on_itself_and_grows_with_noise(refs):
     assert abs(same["fd"]) < 1e-6 and far["fd"] > 1e-3
     with pytest.raises(TuwenError, match="integer seed"):
         load_feature_extractor("random:x")
+
+
+def test_predict_columns_after_the_images_are_passed_over(refs, tmp_path, capsys):
+    """predict --output_schema idx,text,gen_imgbase64,scores (README's reranking example): the image column is the
+    last one that holds images, not the scores; a table without images names its first bad row."""
+    d, rows = refs
+    gen = tmp_path / "reranked.tsv"
+    gen.write_text("".join(f"{k}\t{t}\t{json.dumps([_b64(a)])}\t[-1.5]\n" for k, t, a in rows), encoding="utf-8")
+    res = retrieval_eval(gen, d / "ref.tsv")
+    assert res["n_queries"] == 40 and res["pixel"]["R@1"] == 1.0 and res["bad_generated"] == 0
+    no_images = tmp_path / "scores_only.tsv"
+    no_images.write_text("".join(f"{k}\t{t}\t[-1.5]\n" for k, t, _ in rows), encoding="utf-8")
+    assert main(["evaluate-images", "--generated", str(no_images), "--reference", str(d / "ref.tsv"),
+                 "--retrieval"]) == 2
+    err = capsys.readouterr().err
+    assert "--generated: 40 bad row(s), the first" in err and f"{no_images}:1" in err

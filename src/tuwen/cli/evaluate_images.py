@@ -1,7 +1,8 @@
 """``tuwen evaluate-images``: Fréchet distance + KID between generated and reference images, and CLIP score.
 
 Inputs are image folders (captions, for CLIP score, from ``name.txt`` beside ``name.png``) or EasyNLP TSVs (the
-last column holds ``imgbase64`` or a ``gen_imgbase64`` JSON list; the second of ≥3 columns is the prompt).
+last column that holds an image: ``imgbase64`` or a ``gen_imgbase64`` JSON list, so predict's ``scores`` column after
+it is passed over; the second of ≥3 columns is the prompt).
 The feature space is chosen explicitly (nothing is downloaded):
 
   --features clip:DIR         tuwen CLIP image tower (L2-normalised embeddings)
@@ -43,7 +44,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kid_subsets", type=int, default=100, help="number of KID subsets")
     p.add_argument("--max_images", type=int, default=None, help="use at most this many images of each set")
     p.add_argument("--text_column", type=int, default=None, help="TSV: 0-based prompt column (default: 1 of ≥3)")
-    p.add_argument("--image_column", type=int, default=None, help="TSV: 0-based image column (default: last)")
+    p.add_argument("--image_column", type=int, default=None, help="TSV: 0-based image column (default: the last that holds an image)")
     p.add_argument("--skip_first_line", action="store_true", help="TSV: skip a header line")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="auto")

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..data.images import ImageDecodeError, decode_frames, open_image, resize_crop, to_rgb, to_uint8_batch
+from ..data.images import (ImageDecodeError, decode_frames, looks_like_base64_image, open_image, resize_crop, to_rgb,
+                           to_uint8_batch)
 from ..data.pngmeta import folder_prompts, image_files, png_prompt
 from ..data.tables import IMAGE_EXTS, BadRow, BadRowReport
 from ..errors import TuwenError
@@ -426,13 +427,20 @@ class ImageItem:
     key: str | None = None  # the item's id: TSV first column (idx) when it is not the image; folder: file stem
 
 
+def _image_field(fields: list[str]) -> int:
+    """Index of the last field after the first that starts like a base64 image (or a JSON list of them); the last
+    field when none does (its decode error then names the row)."""
+    return next((j for j in range(len(fields) - 1, 0, -1) if looks_like_base64_image(fields[j])), len(fields) - 1)
+
+
 def iter_image_set(path: str | Path, size: int | None = None, report=None, text_column: int | None = None,
                    image_column: int | None = None, skip_first_line: bool = False,
                    limit: int | None = None) -> Iterator[ImageItem]:
     """Images of a folder (recursively; captions from ``name.txt`` beside ``name.png``) or of an EasyNLP TSV.
 
-    TSV rows: the image column (default: the last) holds one base64 image or a JSON list of them
-    (``gen_imgbase64``); the text column (default: the second of ≥3 columns, else none) is the prompt. Rows/images
+    TSV rows: the image column (default: the last one that holds an image, so that predict's ``scores`` or
+    ``gen_info`` columns after ``gen_imgbase64`` are passed over; the last column if none does) holds one base64
+    image or a JSON list of them (``gen_imgbase64``); the text column (default: the second of ≥3 columns, else none) is the prompt. Rows/images
     that cannot be decoded are added to ``report`` (``file:line: reason``) and skipped. ``size``: every image is
     first resized (shortest side, bicubic) + center-cropped to ``size``×``size``.
     """
@@ -480,8 +488,8 @@ def iter_image_set(path: str | Path, size: int | None = None, report=None, text_
             if not line.strip():
                 continue
             fields = line.split("\t")
-            ic = image_column if image_column is not None else len(fields) - 1
-            tc = text_column if text_column is not None else (1 if len(fields) >= 3 else None)
+            ic = image_column if image_column is not None else _image_field(fields)
+            tc = text_column if text_column is not None else (1 if len(fields) >= 3 and ic != 1 else None)
             if ic >= len(fields) or (tc is not None and tc >= len(fields)) or (image_column is None and len(fields) < 2):
                 report.add(BadRow(str(p), lineno, f"expected an image column, got {len(fields)} column(s)"))
                 continue

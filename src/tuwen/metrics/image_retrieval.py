@@ -89,8 +89,10 @@ def retrieval_eval(generated, reference, match: str = "idx", size: int = 32, max
         gkeys = [_reference_key(k, known, by_name) for k in gkeys]
     matched = [i for i, k in enumerate(gkeys) if k in known]
     if not rimgs or not matched:
+        bad = "".join(f"; {what}: {r.count} bad row(s), the first {r.listed[0]}"
+                      for what, r in (("--generated", rep_g), ("--reference", rep_r)) if r.listed)
         raise TuwenError(f"--retrieval: no generated image has a reference with the same {match} "
-                         f"({len(gimgs)} generated, {len(rimgs)} references); check --match and the files")
+                         f"({len(gimgs)} generated, {len(rimgs)} references){bad}; check --match and the files")
     qkeys = [gkeys[i] for i in matched]
     qimgs = [gimgs[i] for i in matched]
     counts: dict[str, int] = {}
