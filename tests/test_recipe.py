@@ -131,3 +131,28 @@ def test_thread_and_worker_defaults(monkeypatch):
             runtime.configure_threads("cpu", 0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_tokenizer_images_join_the_vqgan_stage_only(tmp_path, capsys):
+    """--tokenizer_images: caption-free images for the VQGAN; the captioned table is repeated to stay about half."""
+    plan = choose_plan(rows=600, image_side=64, caption_chars=12, tokenizer_rows=1200)
+    assert plan.train_repeats == 2 and plan.tokenizer_rows == 1200 and plan.vq_steps == 4000
+    assert plan.vq_loss["disc_start"] == 2400 and plan.gpt_steps == choose_plan(600, 64, 12).gpt_steps
+    assert choose_plan(rows=600, image_side=64, caption_chars=12, tokenizer_rows=100).train_repeats == 1
+    d = tmp_path / "d"
+    synth.write_dataset(d, n=40, size=32, seed=0)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    from PIL import Image
+    for i in range(80):  # an image folder without captions
+        Image.new("RGB", (32, 32), (3 * i, 255 - 3 * i, 128)).save(extra / f"{i}.png")
+    script = tmp_path / "plan.sh"
+    assert main(["recipe", str(d / "train.tsv"), str(d / "val.tsv"), "--out", str(tmp_path / "r"), "--no_probe",
+                 "--tokenizer_images", str(extra), "--script", str(script)]) == 0
+    body = script.read_text()
+    vq_line = next(line for line in body.splitlines() if line.startswith("tuwen vq train"))
+    assert f"--tables {d / 'train.tsv'},{d / 'train.tsv'},{extra},{d / 'val.tsv'} " in vq_line
+    assert str(extra) not in body.replace(vq_line, "")  # only the tokenizer sees them
+    assert "80 caption-free images" in capsys.readouterr().out
+    assert main(["recipe", str(d / "train.tsv"), "--no_probe", "--tokenizer_images", str(tmp_path / "nope")]) == 2
+    assert "--tokenizer_images" in capsys.readouterr().err

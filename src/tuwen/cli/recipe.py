@@ -43,6 +43,8 @@ class Plan:
     cap_steps: int
     cap_lr: float
     notes: list[str] = dataclasses.field(default_factory=list)
+    tokenizer_rows: int = 0   # caption-free images added to the VQGAN stage (--tokenizer_images)
+    train_repeats: int = 1    # the training table listed this many times in the VQGAN stage (keeps it ≥ half)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -53,9 +55,10 @@ def _epochs_to_steps(rows: int, batch: int, epochs: float, lo: int, hi: int) -> 
 
 
 def choose_plan(rows: int, image_side: int, caption_chars: int, cuda: bool = False,
-                lpips: tuple[str, str] | None = None) -> Plan:
+                lpips: tuple[str, str] | None = None, tokenizer_rows: int = 0) -> Plan:
     """Presets from the data: ``rows`` training images, their typical (median) shorter side in pixels, the longest
-    caption in characters; ``cuda``: a GPU trains it (128 px allowed); ``lpips``: (lpips_path, vgg_path)."""
+    caption in characters; ``cuda``: a GPU trains it (128 px allowed); ``lpips``: (lpips_path, vgg_path);
+    ``tokenizer_rows``: caption-free images added to the VQGAN stage only."""
     notes = []
     if image_side < 48:
         size = 32
@@ -77,6 +80,14 @@ def choose_plan(rows: int, image_side: int, caption_chars: int, cuda: bool = Fal
     # at least 3 000 steps under 2 000 rows: on the 600-image stamps set 1 520 steps (40 epochs) gave 91.6 % test
     # self-retrieval and 19.1 dB, 3 000 steps 94.0 % and 19.7 dB (the tokenizer is the recipe's weakest stage)
     vq_steps = _epochs_to_steps(rows, vq_batch, 40, 3000 if rows < 2000 else 1500, 30000)
+    # caption-free images for the tokenizer (--tokenizer_images): the training table is listed again until it is
+    # about half of what the VQGAN sees, ~26 passes over the mixture, at least 4 000 steps under 2 000 rows (on the
+    # stamps set: 1 200 Open Clip Art drawings beside the 600 stamps listed twice, 4 000 steps; README "Training
+    # on your own images")
+    repeats = max(1, min(4, round(tokenizer_rows / rows))) if tokenizer_rows else 1
+    if tokenizer_rows:
+        vq_steps = max(vq_steps, _epochs_to_steps(repeats * rows + tokenizer_rows, vq_batch, 26,
+                                                  4000 if rows < 2000 else 1500, 30000))
     vq_loss = {"l2_weight": 1.0, "dead_code_steps": 50, "disc_weight": 0.1,
                "disc_start": int(vq_steps * 0.6), "disc_num_layers": 2}
     if lpips:
@@ -110,7 +121,7 @@ def choose_plan(rows: int, image_side: int, caption_chars: int, cuda: bool = Fal
     return Plan(size=size, rows=rows, text_len=text_len, vq_arch=vq_arch, vq_loss=vq_loss, vq_batch=vq_batch,
                 vq_steps=vq_steps, vq_lr=4e-4, gpt=gpt, gpt_batch=gpt_batch, gpt_steps=gpt_steps, gpt_lr=1e-3,
                 gpt_wd=gpt_wd, cfg_drop_prob=0.1, cap=cap, cap_batch=cap_batch, cap_steps=cap_steps, cap_lr=1e-3,
-                notes=notes)
+                notes=notes, tokenizer_rows=tokenizer_rows, train_repeats=repeats)
 
 
 # ----------------------------------------------------------------------------------------------- the data
@@ -151,6 +162,17 @@ def scan_data(train: str, schema: str, image_col: str, text_col: str, sample: in
     p98 = chars[min(len(chars) - 1, int(0.98 * len(chars)))] if chars else 16
     return {"rows": n, "image_side": sides[len(sides) // 2], "caption_chars": p98,
             "max_caption_chars": chars[-1] if chars else 16, "mean_caption_chars": sum(chars) / max(1, len(chars))}
+
+
+def count_images(tables: str, schema: str, image_col: str) -> int:
+    """Rows of the caption-free image tables/folders of ``--tokenizer_images`` (an error names an unreadable one)."""
+    from ..data.tables import open_source
+    from ..errors import TuwenError
+
+    n = len(open_source(tables, schema, image_col=image_col, flag="--tokenizer_images", require_text=False))
+    if n == 0:
+        raise TuwenError(f"--tokenizer_images {tables}: no rows")
+    return n
 
 
 # ----------------------------------------------------------------------------------------------- timing probe
@@ -252,10 +274,14 @@ def _udp(d: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in d.items())
 
 
-def commands(plan: Plan, train: str, val: str | None, out: str) -> list[tuple[str, list[str]]]:
-    """(what it produces, argv) for every stage."""
+def commands(plan: Plan, train: str, val: str | None, out: str,
+             tokenizer_images: str | None = None) -> list[tuple[str, list[str]]]:
+    """(what it produces, argv) for every stage; ``tokenizer_images`` (comma list) joins the VQGAN stage only."""
     o = out.rstrip("/")
     tables = f"{train},{val}" if val else train
+    vq_tables = tables
+    if tokenizer_images:  # EasyNLP's rule: the last table validates (the training table when there is no val)
+        vq_tables = ",".join([train] * plan.train_repeats + [tokenizer_images, val or train])
     arch = [f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else v}"
             for k, v in plan.vq_arch.items()]
     loss = []
@@ -263,8 +289,10 @@ def commands(plan: Plan, train: str, val: str | None, out: str) -> list[tuple[st
         loss += [f"--{k}", str(v)]
     every = lambda steps: str(max(50, steps // 10))  # noqa: E731
     cmds = [
-        (f"{o}/vqgan: the image tokenizer (best PSNR on validation)",
-         ["tuwen", "vq", "train", "--tables", tables, "--input_schema", SCHEMA, "--second_sequence", "imgbase64",
+        (f"{o}/vqgan: the image tokenizer (best PSNR on validation"
+         + (f"; the training table {plan.train_repeats}× + {plan.tokenizer_rows} caption-free images"
+            if tokenizer_images else "") + ")",
+         ["tuwen", "vq", "train", "--tables", vq_tables, "--input_schema", SCHEMA, "--second_sequence", "imgbase64",
           "--checkpoint_dir", f"{o}/vqgan", "--preset", "tiny", "--size", str(plan.size), "--arch", *arch,
           "--micro_batch_size", str(plan.vq_batch), "--learning_rate", str(plan.vq_lr), "--lr_schedule", "cosine",
           "--warmup_proportion", "0.02", "--max_steps", str(plan.vq_steps), *loss,
@@ -340,6 +368,10 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="the device the timing probe (and the plan) is for")
     p.add_argument("--lpips_path", default=None, help="local LPIPS lin weights (vgg.pth): adds a perceptual loss")
     p.add_argument("--vgg_path", default=None, help="local torchvision VGG16 weights for LPIPS")
+    p.add_argument("--tokenizer_images", default=None,
+                   help="caption-free images for the image tokenizer only (comma list of tables in --input_schema or "
+                        "image folders), e.g. scripts/make_clipart_images.py's; the training table is repeated to "
+                        "stay about half of what the VQGAN sees")
     p.add_argument("--no_probe", action="store_true", help="skip the timing probe (no time estimates)")
     p.add_argument("--script", default=None, help="also write the commands as a shell script")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -355,10 +387,13 @@ def run(args) -> int:
         raise TuwenError("--lpips_path and --vgg_path go together (the perceptual loss needs both)")
     dev = resolve_device(args.device)
     info = scan_data(args.train, args.input_schema, args.second_sequence, args.first_sequence)
+    if args.tokenizer_images:
+        info["tokenizer_rows"] = count_images(args.tokenizer_images, args.input_schema, args.second_sequence)
     plan = choose_plan(info["rows"], info["image_side"], info["caption_chars"], cuda=dev.type == "cuda",
-                       lpips=(args.lpips_path, args.vgg_path) if args.lpips_path else None)
+                       lpips=(args.lpips_path, args.vgg_path) if args.lpips_path else None,
+                       tokenizer_rows=info.get("tokenizer_rows", 0))
     timing = None if args.no_probe else probe(plan, args.device)
-    cmds = commands(plan, args.train, args.val, args.out)
+    cmds = commands(plan, args.train, args.val, args.out, args.tokenizer_images)
     est = None
     if timing:
         est = {"vq": timing["vq"] * plan.vq_steps, "t2i": timing["t2i"] * plan.gpt_steps,
