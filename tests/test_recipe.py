@@ -58,6 +58,16 @@ def test_recipe_command_prints_the_plan(tmp_path, capsys):
     assert main(["recipe", str(tmp_path / "d" / "train.tsv"), "--no_probe", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["data"]["image_side"] == 32 and res["plan"]["size"] == 32 and res["expected_seconds"] is None
+    # rows that share a caption cap self-retrieval by idx: the plan says so
+    lines = (tmp_path / "d" / "train.tsv").read_text(encoding="utf-8").splitlines()
+    dup = tmp_path / "dup.tsv"
+    dup.write_text("".join(f"{k}\t{lines[0].split(chr(9))[1]}\t{b}\n" for k, _, b in
+                           (line.split("\t") for line in lines[:4])) + "\n".join(lines[4:]) + "\n", encoding="utf-8")
+    assert main(["recipe", str(dup), "--no_probe", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["data"]
+    assert res["rows_sharing_a_caption"] >= 4 and res["distinct_captions"] <= res["rows"] - 3
+    assert main(["recipe", str(dup), "--no_probe"]) == 0
+    assert "share their caption with another" in capsys.readouterr().out
     assert main(["recipe", str(tmp_path / "nope.tsv"), "--no_probe"]) == 2
     assert main(["recipe", str(tmp_path / "d" / "train.tsv"), "--lpips_path", "x"]) == 2
     assert "go together" in capsys.readouterr().err

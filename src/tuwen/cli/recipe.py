@@ -152,15 +152,21 @@ def scan_data(train: str, schema: str, image_col: str, text_col: str, sample: in
     if not sides:
         raise TuwenError(f"{train}: none of the sampled rows has a readable image in column {image_col!r}")
     # the longest caption decides text_len: scan all texts (cheap: no image decoding)
+    first_refs: dict[str, int] = {}  # first reference → rows
     for i in range(n):
         r = src.row(i)
         if not isinstance(r, BadRow):
-            chars += [len(t) for t in split_references(r.get(text_col, ""))]
+            refs = split_references(r.get(text_col, ""))
+            chars += [len(t) for t in refs]
+            if refs:
+                first_refs[refs[0].strip()] = first_refs.get(refs[0].strip(), 0) + 1
     sides.sort()
     chars.sort()
     # text_len follows the 98th percentile: a few very long captions are cut rather than lengthening every row
     p98 = chars[min(len(chars) - 1, int(0.98 * len(chars)))] if chars else 16
+    shared = sum(c for c in first_refs.values() if c > 1)
     return {"rows": n, "image_side": sides[len(sides) // 2], "caption_chars": p98,
+            "distinct_captions": len(first_refs), "rows_sharing_a_caption": shared,
             "max_caption_chars": chars[-1] if chars else 16, "mean_caption_chars": sum(chars) / max(1, len(chars))}
 
 
@@ -414,6 +420,12 @@ def run(args) -> int:
             f"{plan.cap_steps} steps of {plan.cap_batch}; text_len {plan.text_len}")
         for n in plan.notes:
             say(f"note: {n}")
+        if info["rows_sharing_a_caption"]:
+            say(f"note: {info['rows_sharing_a_caption']} of {info['rows']} training images share their caption with "
+                f"another ({info['distinct_captions']} distinct captions): a prompt cannot say which of them it "
+                f"means, so a generated image finds the very image its prompt came from (evaluate-images "
+                f"--retrieval) at most {info['distinct_captions'] / info['rows']:.0%} of the time; --match text "
+                f"counts any image with that caption")
         if est:
             total = sum(est.values())
             say(f"expected training time on this machine (timing probe): VQGAN {_fmt_time(est['vq'])} "
