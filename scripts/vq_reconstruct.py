@@ -1,5 +1,8 @@
 """Reconstruct every image of an EasyNLP TSV with a tuwen VQGAN folder and write the reconstructions as a TSV
-(``idx, text, imgbase64``) for ``tuwen evaluate-images --retrieval``; print PSNR and the codebook usage.
+(``idx, text, imgbase64``) for ``tuwen evaluate-images --retrieval``; print PSNR, the codebook usage and two colour
+figures: ``color_error`` (mean absolute difference of the 4×4 average-pooled images, 0–255 levels: is each region
+the right colour?) and ``saturation`` / ``saturation_original`` (mean max − min channel over the pixels that are not
+near-white, 0–255: do saturated colours come back saturated or washed out to brown and grey?).
 
     python scripts/vq_reconstruct.py --model runs/recipe/vqgan --table runs/stamps/64/test.tsv \
         --out runs/recipe/recon_test.tsv
@@ -35,7 +38,7 @@ def main(argv=None) -> int:
     size = a.size or vq.config.resolution
     src = open_source(a.table, a.input_schema, image_col="imgbase64", text_col="text")
     rows = [r for r in (src.row(i) for i in range(len(src))) if not isinstance(r, BadRow)]
-    lines, psnrs, codes = [], [], []
+    lines, psnrs, codes, col_err, sat, sat0 = [], [], [], [], [], []
     with torch.no_grad():
         for s in range(0, len(rows), a.batch_size):
             chunk = rows[s:s + a.batch_size]
@@ -44,6 +47,13 @@ def main(argv=None) -> int:
             xrec, _, info = vq(x)
             xrec = xrec.clamp(-1, 1)
             mse = ((xrec - x) ** 2).flatten(1).mean(1)
+            o, r_ = (x + 1) * 127.5, (xrec + 1) * 127.5                                 # 0–255
+            col_err += (torch.nn.functional.avg_pool2d(r_, size // 4) - torch.nn.functional.avg_pool2d(o, size // 4)
+                        ).abs().flatten(1).mean(1).tolist()
+            fg = (o.amin(1) < 230).float()                                                # not near-white
+            for img, out in ((o, sat0), (r_, sat)):
+                chroma = img.amax(1) - img.amin(1)
+                out += ((chroma * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp_min(1)).tolist()
             psnrs += (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).tolist()            # peak-to-peak 2
             codes.append(info["indices"].flatten())
             for r, img in zip(chunk, to_pil(xrec)):
@@ -55,7 +65,9 @@ def main(argv=None) -> int:
     p_ = p_ / p_.sum()
     ppl = float(torch.exp(-(p_ * p_.clamp_min(1e-12).log()).sum()))
     res = {"images": len(rows), "psnr": sum(psnrs) / max(1, len(psnrs)), "codes_used": used,
-           "codebook": vq.config.n_embed, "usage": used / vq.config.n_embed, "perplexity": ppl, "out": a.out}
+           "codebook": vq.config.n_embed, "usage": used / vq.config.n_embed, "perplexity": ppl,
+           "color_error": float(np.mean(col_err)), "saturation": float(np.mean(sat)),
+           "saturation_original": float(np.mean(sat0)), "out": a.out}
     print(json.dumps(res, indent=1))
     return 0
 

@@ -91,8 +91,10 @@ def test_tiny_shapes_and_forward():
 def test_config_validation_and_presets():
     with pytest.raises(TuwenError, match="unknown VQGAN preset"):
         VQGANConfig.preset("nope")
-    with pytest.raises(TuwenError, match="multiple of 32"):
+    with pytest.raises(TuwenError, match="multiple of norm_groups=32"):
         VQGANConfig(ch=48)
+    with pytest.raises(TuwenError, match="norm_groups 0"):
+        VQGANConfig(norm_groups=0)
     with pytest.raises(TuwenError, match="attn_resolutions"):
         VQGANConfig(attn_resolutions=[20])
     with pytest.raises(TuwenError, match="double_z"):
@@ -451,3 +453,26 @@ def test_lpips_loads_torchvision_and_taming_names(tmp_path):
                                disc_weight=0.0))
     out = loss(x, y, torch.tensor(0.0), step=0)
     assert out["p_loss"] > 0 and out["loss"] > out["rec_loss"]
+
+
+def test_norm_groups_is_saved_and_old_folders_load_with_taming_groups(tmp_path):
+    """norm_groups (GroupNorm groups) is not in the weights: it travels in config.json; a folder written before the
+    field existed loads with taming's 32, and the same weights under other groups give other images."""
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig.preset("tiny", resolution=32, norm_groups=8)).eval()
+    assert vq.decoder.norm_out.num_groups == 8 and vq.encoder.down[0].block[0].norm1.num_groups == 8
+    vq.save_pretrained(tmp_path / "g8")
+    back = VQGAN.from_pretrained(tmp_path / "g8").eval()
+    codes = torch.randint(0, 512, (2, 4, 4))
+    assert back.config.norm_groups == 8 and torch.equal(back.decode(codes), vq.decode(codes))
+    cfg = json.loads((tmp_path / "g8" / "config.json").read_text())
+    assert cfg["norm_groups"] == 8
+    VQGAN(VQGANConfig.preset("tiny", resolution=32)).save_pretrained(tmp_path / "old")
+    old_cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    del old_cfg["norm_groups"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old_cfg))
+    (tmp_path / "old" / "checksums.sha256").unlink(missing_ok=True)
+    assert VQGAN.from_pretrained(tmp_path / "old").config.norm_groups == 32
+    other = VQGAN(VQGANConfig.preset("tiny", resolution=32)).eval()
+    other.load_state_dict(vq.state_dict())
+    assert not torch.allclose(other.decode(codes), vq.decode(codes))

@@ -73,6 +73,10 @@ class VQGANConfig(BaseConfig):
     legacy: bool = False
     l2_norm: bool = False     # LlamaGen/ViT-VQGAN: match l2-normalised latents to l2-normalised codes (cosine);
                               # not in taming (False loads taming weights unchanged); helps small low-dim codebooks
+    norm_groups: int = 32     # GroupNorm groups (taming: 32, i.e. 4 channels a group at its 128-wide levels). At
+                              # 32 channels, 32 groups normalise each channel on its own (instance norm), which
+                              # erases the per-channel means and scales that carry an image's colours; the recipe
+                              # gives small models 8. Not in the weights: a folder without the field loads as 32
 
     def __post_init__(self):
         self.ch_mult = [int(m) for m in self.ch_mult]
@@ -115,9 +119,11 @@ class VQGANConfig(BaseConfig):
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):
             bad(f"ch_mult {self.ch_mult} must be a non-empty list of positive integers")
         widths = [self.ch] + [self.ch * m for m in self.ch_mult]
-        if self.ch < 1 or any(w % 32 for w in widths):
+        if self.norm_groups < 1:
+            bad(f"norm_groups {self.norm_groups} must be ≥ 1")
+        if self.ch < 1 or any(w % self.norm_groups for w in widths):
             bad(f"ch={self.ch} × ch_mult {self.ch_mult} gives widths {sorted(set(widths))}; every width must be a "
-                f"multiple of 32 (GroupNorm with 32 groups)")
+                f"multiple of norm_groups={self.norm_groups} (GroupNorm)")
         if self.num_res_blocks < 1:
             bad("num_res_blocks must be ≥ 1")
         if self.resolution < 1 or self.resolution % self.downsample_factor:
@@ -140,18 +146,18 @@ class VQGANConfig(BaseConfig):
 
 # ----------------------------------------------------------------------------------------------- building blocks
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """norm1 → swish → conv1 → norm2 → swish → dropout → conv2, plus a 1×1 ``nin_shortcut`` when widths differ."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         if in_channels != out_channels:
@@ -168,9 +174,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H·W positions (1×1 convs q, k, v, proj_out; scale C^-0.5; residual)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -218,11 +224,11 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -242,16 +248,16 @@ class Encoder(nn.Module):
             level = _Level()
             block_in, block_out = cfg.ch * in_mult[i], cfg.ch * mult
             for _ in range(cfg.num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, cfg.dropout))
+                level.block.append(ResnetBlock(block_in, block_out, cfg.dropout, cfg.norm_groups))
                 block_in = block_out
                 if res in cfg.attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, cfg.norm_groups))
             if i != cfg.num_levels - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(level)
-        self.mid = _Mid(block_in, cfg.dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid = _Mid(block_in, cfg.dropout, cfg.norm_groups)
+        self.norm_out = Normalize(block_in, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,22 +281,22 @@ class Decoder(nn.Module):
         block_in = cfg.ch * cfg.ch_mult[-1]
         res = cfg.resolution // cfg.downsample_factor
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, 1, 1)
-        self.mid = _Mid(block_in, cfg.dropout)
+        self.mid = _Mid(block_in, cfg.dropout, cfg.norm_groups)
         levels: list[_Level] = []
         for i in reversed(range(cfg.num_levels)):
             level = _Level()
             block_out = cfg.ch * cfg.ch_mult[i]
             for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, block_out, cfg.dropout))
+                level.block.append(ResnetBlock(block_in, block_out, cfg.dropout, cfg.norm_groups))
                 block_in = block_out
                 if res in cfg.attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, cfg.norm_groups))
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
