@@ -17,7 +17,7 @@ from tuwen.training.tasks.text2image import CFG_SAMPLING, default_sampling
 def test_presets_follow_the_data():
     small = choose_plan(rows=600, image_side=64, caption_chars=12)
     assert small.size == 64 and small.gpt["n_layer"] == 4 and small.gpt["dropout"] > 0 and small.gpt_wd >= 0.1
-    assert small.vq_arch == {"n_embed": 1024, "embed_dim": 8, "l2_norm": True}
+    assert small.vq_arch == {"n_embed": 1024, "embed_dim": 8, "l2_norm": True, "norm_groups": 1}
     assert 0 < small.vq_loss["disc_start"] < small.vq_steps and small.vq_loss["dead_code_steps"] > 0
     assert small.vq_loss["perceptual_weight"] == 0 and any("perceptual" in n for n in small.notes)
     assert small.text_len == 16 and small.cfg_drop_prob > 0

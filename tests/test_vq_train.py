@@ -23,6 +23,7 @@ def test_tiny_vqgan_beats_mean_colour_baseline(tmp_path, capsys):
                "--data_threads", "0", "--no_progress", "--random_seed", "0"])
     assert rc == 0
     err = capsys.readouterr().err
+    assert "--arch norm_groups=1 keeps them" in err  # taming's 32 groups on 32 channels: the colour note
     m = re.search(r"eval step 250: .*psnr ([\d.]+) psnr_mean_color ([\d.]+)", err)
     assert m, err[-2000:]
     psnr, baseline = float(m.group(1)), float(m.group(2))

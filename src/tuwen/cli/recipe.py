@@ -72,7 +72,11 @@ def choose_plan(rows: int, image_side: int, caption_chars: int, cuda: bool = Fal
     # matching keeps all codes in use and colours apart), dead codes restarted, extra L2 for flat colours, a
     # light PatchGAN only after the warm-up
     big = rows >= 20000
-    vq_arch = {"n_embed": 2048 if big else 1024, "embed_dim": 8, "l2_norm": True}
+    # norm_groups=1: taming's GroupNorm(32) on the tiny preset's 32-channel levels is an instance norm, which
+    # erases the per-channel means and scales that carry colour (reds and greens came back brown and black); one
+    # group normalises over all channels and keeps their ratios (stamps, 600 steps: test PSNR 18.6 → 19.5 dB,
+    # self-retrieval 86.7 → 92.8 %, saturation 30.7 → 45.4 against the originals' 60.5)
+    vq_arch = {"n_embed": 2048 if big else 1024, "embed_dim": 8, "l2_norm": True, "norm_groups": 1}
     if size == 128:
         vq_arch["ch_mult"] = [1, 1, 2, 2, 4]   # f16 at 128 px → 8×8 codes
         vq_arch["attn_resolutions"] = [8]

@@ -181,7 +181,12 @@ def _cmd_train(ns) -> int:
                                random_crop=ns.random_crop, augment=parse_augment(ns.augment),
                                skip_first_line=ns.skip_first_line, seed=ns.random_seed)
     args = train_args_from(ns, default_lr=2e-4, default_wd=0.0)
-    Trainer(args, VQGANTrainTask(settings)).train()
+    task = VQGANTrainTask(settings)
+    if not ns.init and task.vq_config.norm_groups == task.vq_config.ch:  # a level with one channel per group
+        print(f"note: GroupNorm with {task.vq_config.norm_groups} groups on the {task.vq_config.ch}-channel levels "
+              f"normalises each channel on its own, which loses colours (reds and greens come back brown and "
+              f"black); --arch norm_groups=1 keeps them (README \"Training on your own images\")", file=sys.stderr)
+    Trainer(args, task).train()
     return 0
 
 
