@@ -163,7 +163,8 @@ def scan_data(train: str, schema: str, image_col: str, text_col: str, sample: in
             refs = split_references(r.get(text_col, ""))
             chars += [len(t) for t in refs]
             if refs:
-                first_refs[refs[0].strip()] = first_refs.get(refs[0].strip(), 0) + 1
+                key = refs[0].strip()
+                first_refs[key] = first_refs.get(key, 0) + 1
     sides.sort()
     chars.sort()
     # text_len follows the 98th percentile: a few very long captions are cut rather than lengthening every row
