@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_stamps_set import on_white, png_b64  # noqa: E402  (this folder's sibling script)
+from make_stamps_set import extract, on_white, png_b64  # noqa: E402  (this folder's sibling script)
 
 CLIPART_SUBDIR = "usr/share/openclipart/png"
 
@@ -44,9 +43,8 @@ def main(argv=None) -> int:
     if args.deb is not None:
         if not args.deb.is_file():
             sys.exit(f"--deb {args.deb}: no such file (run: apt-get download openclipart-png)")
-        into = args.out.parent / "_extracted"
-        subprocess.run(["dpkg-deb", "-x", str(args.deb), str(into)], check=True)
-        root = into / CLIPART_SUBDIR
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        root = extract(args.deb, args.out.parent / "_extracted", CLIPART_SUBDIR)
     else:
         root = args.root
     if not root.is_dir():

@@ -112,9 +112,10 @@ def assign_splits(counts: dict[str, int], val: float, test: float) -> dict[str, 
     return out
 
 
-def extract(deb: Path, into: Path) -> Path:
+def extract(deb: Path, into: Path, subdir: str = STAMPS_SUBDIR) -> Path:
+    """Unpack a Debian package into ``into``; returns ``into/subdir``."""
     subprocess.run(["dpkg-deb", "-x", str(deb), str(into)], check=True)
-    return into / STAMPS_SUBDIR
+    return into / subdir
 
 
 def main(argv=None) -> int:

@@ -440,9 +440,9 @@ def iter_image_set(path: str | Path, size: int | None = None, report=None, text_
 
     TSV rows: the image column (default: the last one that holds an image, so that predict's ``scores`` or
     ``gen_info`` columns after ``gen_imgbase64`` are passed over; the last column if none does) holds one base64
-    image or a JSON list of them (``gen_imgbase64``); the text column (default: the second of ≥3 columns, else none) is the prompt. Rows/images
-    that cannot be decoded are added to ``report`` (``file:line: reason``) and skipped. ``size``: every image is
-    first resized (shortest side, bicubic) + center-cropped to ``size``×``size``.
+    image or a JSON list of them (``gen_imgbase64``); the text column (default: the second of ≥3 columns, else
+    none) is the prompt. Rows/images that cannot be decoded are added to ``report`` (``file:line: reason``) and
+    skipped. ``size``: every image is first resized (shortest side, bicubic) + center-cropped to ``size``×``size``.
     """
     report = report if report is not None else BadRowReport()
     p = Path(path).expanduser()

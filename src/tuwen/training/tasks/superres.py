@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ...convert.taming import load_vqgan
 from ...errors import TuwenError
 from ...models.gpt import GPT, PRESETS
-from ...models.superres import SuperRes, SuperResConfig, downsample, sr_logits
+from ...models.superres import SR_TOP_K, SuperRes, SuperResConfig, downsample, sr_logits
 from ...models.text2image import GPT_STABILITY_FIELDS
 from .common import WithFrozen
 from .text2image import T2ITask, _image_sizes, _make_tokenizer, _scratch_vqgan, check_no_txt_loss, default_sampling, \
@@ -84,7 +84,7 @@ class SRTask(T2ITask):
             low_len=lh * lw, low_vocab_size=low_vqgan.config.n_embed if low_vqgan is not None else 0,
             n_layer=udp["n_layer"] or nl, n_head=udp["n_head"] or nh, n_embd=udp["n_embd"] or ne,
             embd_pdrop=drop, resid_pdrop=drop, attn_pdrop=drop, sampling=default_sampling(udp, 0.0).replace(
-                top_k=udp["top_k"] or 1), **{k: bool(udp.get(k)) for k in GPT_STABILITY_FIELDS})
+                top_k=udp["top_k"] or SR_TOP_K), **{k: bool(udp.get(k)) for k in GPT_STABILITY_FIELDS})
         return cls(args, udp, config=config, tokenizer=tokenizer, vqgan=vqgan, low_vqgan=low_vqgan)
 
     def build_module(self, gpt: GPT | None = None) -> SRTrainModule:
