@@ -23,6 +23,7 @@ def test_presets_follow_the_data():
     assert small.text_len == 16 and small.cfg_drop_prob > 0
     # ~40 epochs of the VQGAN, ~60 of the GPT on a small set (with floors)
     assert small.vq_steps == 3000 and small.gpt_steps == 2850
+    assert small.vq_augment == "hue"  # the tokenizer sees rotated hues (half its images); captions stay true
     # a small set's captioner reads the VQGAN codes (it learns to name the training images; a ViT from scratch
     # did not in the same CPU time); a large set's trains a ViT
     assert small.cap["prefix"] == "vqgan"
@@ -51,6 +52,8 @@ def test_recipe_command_prints_the_plan(tmp_path, capsys):
         assert what in out, what
     body = script.read_text()
     assert body.startswith("#!/usr/bin/env bash") and "l2_norm=true" in body and "cfg_drop_prob=0.1" in body
+    vq_line = next(line for line in body.splitlines() if line.startswith("tuwen vq train"))
+    assert " --augment hue " in vq_line and body.count("--augment") == 1  # the tokenizer only, never the GPT
     assert f"enable_vqgan=true vqgan_ckpt_path={tmp_path / 'r'}/vqgan" in body and "vit_preset" not in body
     # the checks on the training data run on the last training step, exported as a model folder
     assert f"tuwen export {tmp_path / 'r'}/cap {tmp_path / 'r'}/cap_last" in body

@@ -83,3 +83,7 @@ def test_augment_flip_and_hue_are_seeded_and_keep_grey(tmp_path):
     plain = image_transform("image", 16, False, seed=5)({"image": img}, 7, 0)["image"]
     outs = [t({"image": img}, i, e)["image"] for i in range(4) for e in range(2)]
     assert all(o.shape == plain.shape for o in outs) and any(not torch.allclose(o, plain, atol=0.05) for o in outs)
+    # hue alone: half the images keep the data's own colours, the other half are rotated
+    th = image_transform("image", 16, False, seed=5, augment=("hue",))
+    kept = [torch.allclose(th({"image": img}, i, 0)["image"], plain, atol=1e-5) for i in range(40)]
+    assert 10 <= sum(kept) <= 30

@@ -90,8 +90,8 @@ def add_train_parser(sub) -> None:
     m.add_argument("--size", type=int, default=None, help="training image size (default: the preset's resolution)")
     m.add_argument("--random_crop", action="store_true", help="random instead of center crops")
     m.add_argument("--augment", default="none", metavar="LIST",
-                   help="training-image augmentation, comma-separated: flip (mirror half), hue (rotate each "
-                        "image's hue by a random angle, luminance kept); default none (README: neither helped the "
+                   help="training-image augmentation, comma-separated: flip (mirror half), hue (rotate half "
+                        "the images' hue by a random angle, luminance kept); default none (README: neither helped the "
                         "stamps tokenizer)")
     m.add_argument("--preset", default="tiny", help="architecture preset: f16_16384, f16_1024, small, tiny")
     m.add_argument("--arch", nargs="*", default=[], metavar="KEY=VALUE",

@@ -237,7 +237,7 @@ def parse_augment(spec: str | None) -> tuple[str, ...]:
 
 def image_transform(image_col: str, size: int, random_crop: bool, seed: int, augment: tuple[str, ...] = ()):
     """Row → {"image": CHW in [-1, 1]}. Random crops and ``augment`` (``flip``: mirror half the images; ``hue``:
-    rotate the hue by a uniform random angle) are drawn from (seed, epoch, index), so a resumed run sees the same
+    rotate the hue of half the images by a uniform random angle, so the other half keep the data's own colours) are drawn from (seed, epoch, index), so a resumed run sees the same
     images. A tokenizer needs no caption to stay true, so both are safe here (unlike for the text→image GPT)."""
     def transform(row: dict, index: int, epoch: int) -> dict:
         rng = random.Random(f"{seed}-{epoch}-{index}") if (random_crop or augment) else None
@@ -245,7 +245,7 @@ def image_transform(image_col: str, size: int, random_crop: bool, seed: int, aug
         x = to_tensor(arr)
         if "flip" in augment and rng.random() < 0.5:
             x = x.flip(-1)
-        if "hue" in augment:
+        if "hue" in augment and rng.random() < 0.5:
             x = rotate_hue(x, rng.uniform(0.0, 360.0))
         return {"image": x}
     return transform
