@@ -150,6 +150,10 @@ def test_tokenizer_images_join_the_vqgan_stage_only(tmp_path, capsys):
     """--tokenizer_images: caption-free images for the VQGAN; the captioned table is repeated to stay about half."""
     plan = choose_plan(rows=600, image_side=64, caption_chars=12, tokenizer_rows=1200)
     assert plan.train_repeats == 2 and plan.tokenizer_rows == 1200 and plan.vq_steps == 4000
+    many = choose_plan(rows=600, image_side=64, caption_chars=12, tokenizer_rows=4000)
+    assert many.train_repeats == 7 and many.vq_steps == 4000  # more images, not more steps, on a small set
+    large = choose_plan(rows=5000, image_side=64, caption_chars=12, tokenizer_rows=5000)
+    assert large.train_repeats == 1 and large.vq_steps == 26 * 10000 // 16
     assert plan.vq_loss["disc_start"] == 2400 and plan.gpt_steps == choose_plan(600, 64, 12).gpt_steps
     assert choose_plan(rows=600, image_side=64, caption_chars=12, tokenizer_rows=100).train_repeats == 1
     d = tmp_path / "d"
