@@ -475,12 +475,15 @@ def test_image2text_scratch_paths_and_short_videos(tmp_path, capsys):
         rows.append(f"{i}\t{i}.png\t{CAPS[i % 3]}")
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "i2t"
-    udp = f"vit_preset=tiny img_size=32 text_len=8 n_layer=2 n_head=2 n_embd=32 enable_img_path=true img_root_dir={root}"
+    udp = (f"vit_preset=tiny img_size=32 text_len=8 n_layer=2 n_head=2 n_embd=32 enable_img_path=true "
+           f"img_root_dir={root} do_lower_case=false")
     assert cli_main(["--mode=train", f"--tables={tmp_path / 'train.tsv'}", "--input_schema=idx:str:1,imgbase64:str:1,text:str:1",
                      f"--checkpoint_dir={out}", "--app_name=image2text_generation", "--data_threads=0", "--no_progress",
                      "--max_steps=2", "--micro_batch_size=4", f"--user_defined_parameters={udp}"]) == 0
     err = capsys.readouterr().err
-    assert "ViT preset 'tiny' from scratch (random init, trained)" in err and "built a" in err
+    assert "ViT preset 'tiny' from scratch (random init, trained)" in err and "built a" in err and "case kept" in err
+    tok = TextTokenizer.from_pretrained(out)  # do_lower_case=false: captions that differ only in case stay apart
+    assert not tok.lowercase and tok.encode("A") != tok.encode("a")
     assert json.loads((out / "config.json").read_text())["freeze_vit"] is False
     # tuwen caption on image files
     assert cli_main(["caption", str(root / "0.png"), str(root / "1.png"), "--model", str(out), "-n", "2",

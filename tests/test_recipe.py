@@ -54,6 +54,8 @@ def test_recipe_command_prints_the_plan(tmp_path, capsys):
     assert body.startswith("#!/usr/bin/env bash") and "l2_norm=true" in body and "cfg_drop_prob=0.1" in body
     vq_line = next(line for line in body.splitlines() if line.startswith("tuwen vq train"))
     assert " --augment hue " in vq_line and body.count("--augment") == 1  # the tokenizer only, never the GPT
+    # both vocabularies keep case: captions differing only in case (字母Ａ, 字母ａ) stay two prompts
+    assert body.count("do_lower_case=false") == 2
     assert f"enable_vqgan=true vqgan_ckpt_path={tmp_path / 'r'}/vqgan" in body and "vit_preset" not in body
     # the checks on the training data run on the last training step, exported as a model folder
     assert f"tuwen export {tmp_path / 'r'}/cap {tmp_path / 'r'}/cap_last" in body

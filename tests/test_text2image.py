@@ -280,7 +280,19 @@ def test_pretokenized_codes_training(tmp_path, data_dir, vqgan_dir):
             "--micro_batch_size=8", "--max_steps=3", f"--user_defined_parameters={udp}", "--no_progress",
             "--data_threads=0"]
     assert main(args) == 0
-    assert TextToImage.from_pretrained(ck).config.img_len == 16
+    m = TextToImage.from_pretrained(ck)
+    assert m.config.img_len == 16 and m.tokenizer.lowercase  # EasyNLP's (bert-base-chinese's) rule by default
+    assert m.tokenizer.encode("A") == m.tokenizer.encode("a")
+    # do_lower_case=false: a vocabulary built from the texts keeps case (字母Ａ and 字母ａ are two prompts), and the
+    # saved folder says so
+    ck2 = tmp_path / "ck_case"
+    args2 = [a.replace(str(ck), str(ck2)) for a in args]
+    args2[args2.index(f"--user_defined_parameters={udp}")] = f"--user_defined_parameters={udp} do_lower_case=false"
+    assert main(args2) == 0
+    kept = TextToImage.from_pretrained(ck2).tokenizer
+    assert not kept.lowercase and json.loads((ck2 / "tokenizer_config.json").read_text())["do_lower_case"] is False
+    a, b = kept.encode("A"), kept.encode("a")  # Latin letters are in every built vocabulary, both cases when kept
+    assert a != b and kept.unk_id not in a + b
 
 
 def test_pipeline_api(trained):

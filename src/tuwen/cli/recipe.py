@@ -332,7 +332,7 @@ def commands(plan: Plan, train: str, val: str | None, out: str,
                   "--logging_steps=50", "--user_defined_parameters=" + _udp({
                       "vqgan_ckpt_path": f"{o}/vqgan", "size": plan.size, "text_len": plan.text_len,
                       "n_layer": g["n_layer"], "n_head": g["n_head"], "n_embd": g["n_embd"],
-                      "dropout": g["dropout"], "cfg_drop_prob": plan.cfg_drop_prob})]))
+                      "dropout": g["dropout"], "cfg_drop_prob": plan.cfg_drop_prob, "do_lower_case": "false"})]))
     c = plan.cap
     prefix = ({"enable_vqgan": "true", "vqgan_ckpt_path": f"{o}/vqgan"} if c.get("prefix") == "vqgan"
               else {"vit_preset": c["vit_preset"]})
@@ -345,7 +345,8 @@ def commands(plan: Plan, train: str, val: str | None, out: str,
                   f"--save_checkpoint_steps={every(plan.cap_steps)}", "--logging_steps=50",
                   "--user_defined_parameters=" + _udp({
                       "img_size": plan.size, "text_len": plan.text_len, **prefix, "n_layer": c["n_layer"],
-                      "n_head": c["n_head"], "n_embd": c["n_embd"], "dropout": c["dropout"]})]))
+                      "n_head": c["n_head"], "n_embd": c["n_embd"], "dropout": c["dropout"],
+                      "do_lower_case": "false"})]))
     # the checks on the training data use the last step: the folders above hold the best-by-validation step,
     # which on a small set can be an early one (the stamps captioner: step 150 of 300)
     for name in ("t2i", "cap"):

@@ -225,9 +225,10 @@ class CaptionTask(Task):
             self.tokenizer = TextTokenizer.from_pretrained(tok_path)
             self.log(f"tokenizer: {tok_path} ({self.tokenizer.vocab_size} ids)")
         else:
-            self.tokenizer = TextTokenizer.train(self._texts(self.train_tables), vocab_size=udp["vocab_size"])
+            self.tokenizer = TextTokenizer.train(self._texts(self.train_tables), vocab_size=udp["vocab_size"],
+                                                 lowercase=udp["do_lower_case"])
             self.log(f"tokenizer: built a {self.tokenizer.vocab_size}-entry WordPiece vocabulary from the training "
-                     f"texts (saved with the model as vocab.txt)")
+                     f"texts{'' if udp['do_lower_case'] else ', case kept'} (saved with the model as vocab.txt)")
         text_vocab = udp["text_vocab_size"] or self.tokenizer.vocab_size
         if text_vocab < self.tokenizer.vocab_size:
             raise TuwenError(f"text_vocab_size={text_vocab} is smaller than the vocabulary "
