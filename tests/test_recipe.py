@@ -24,6 +24,8 @@ def test_presets_follow_the_data():
     # ~40 epochs of the VQGAN, ~60 of the GPT on a small set (with floors)
     assert small.vq_steps == 3000 and small.gpt_steps == 2850
     assert small.vq_augment == "hue"  # the tokenizer sees rotated hues (half its images); captions stay true
+    assert any("--tokenizer_images" in n for n in small.notes)  # a small set is told to add caption-free images
+    assert not any("--tokenizer_images" in n for n in choose_plan(600, 64, 12, tokenizer_rows=900).notes)
     # a small set's captioner reads the VQGAN codes (it learns to name the training images; a ViT from scratch
     # did not in the same CPU time); a large set's trains a ViT
     assert small.cap["prefix"] == "vqgan"
