@@ -34,6 +34,11 @@ def demo_model_path() -> Path:
 
 # ----------------------------------------------------------------------------------------------- text→image
 
+#: text→image and captioning training from scratch
+DO_LOWER_CASE = Param(bool, True, "a vocabulary built from the training texts lowercases them (as bert-base-chinese "
+                                  "does); false keeps case, so captions that differ only in case (字母Ａ, 字母ａ) stay "
+                                  "apart")
+
 #: ``text2image_generation``'s user_defined_parameters (EasyNLP command line and pipeline keyword arguments)
 TEXT2IMAGE_PARAMS: dict[str, Param] = {
     "size": Param(int, None, "image size in pixels (EasyNLP default 256)"),
@@ -46,8 +51,7 @@ TEXT2IMAGE_PARAMS: dict[str, Param] = {
     "vqgan_config": Param(str, None, "taming yaml/json describing vqgan_ckpt_path (default: inferred from shapes)"),
     "vocab_path": Param(str, None, "vocab.txt to use when training from scratch (default: built from the texts)"),
     "vocab_size": Param(int, 8000, "size of the vocabulary built from training texts when none is given"),
-    "do_lower_case": Param(bool, True, "a vocabulary built from the training texts lowercases them (bert-base-chinese "
-                                       "does); false keeps case, so 字母Ａ and 字母ａ stay two prompts"),
+    "do_lower_case": DO_LOWER_CASE,
     "random_crop": Param(bool, False, "random instead of center crops"),
     "n_layer": Param(int, None, "GPT layers for training from scratch (default 12)"),
     "n_head": Param(int, None, "GPT heads (default 12)"),
@@ -241,8 +245,7 @@ CAPTION_PARAMS: dict[str, Param] = {
     "pretrain_model_name_or_path": Param(str, None, "captioner to finetune, or (from scratch) the tokenizer: a "
                                                     "vocab.txt, a folder with one, or a name under $TUWEN_HOME/models"),
     "vocab_size": Param(int, 8000, "size of the vocabulary built from the training texts when no tokenizer is given"),
-    "do_lower_case": Param(bool, True, "a vocabulary built from the training texts lowercases them (bert-base-chinese "
-                                       "does); false keeps case, so captions that differ only in case stay apart"),
+    "do_lower_case": DO_LOWER_CASE,
     "block_size": Param(int, None, "EasyNLP compatibility: must equal text_len + img_len"),
     "n_layer": Param(int, None, "GPT layers (default 12)"),
     "n_head": Param(int, None, "GPT heads (default 12)"),
