@@ -87,3 +87,22 @@ def test_augment_flip_and_hue_are_seeded_and_keep_grey(tmp_path):
     th = image_transform("image", 16, False, seed=5, augment=("hue",))
     kept = [torch.allclose(th({"image": img}, i, 0)["image"], plain, atol=1e-5) for i in range(40)]
     assert 10 <= sum(kept) <= 30
+
+
+def test_weights_do_not_depend_on_how_often_it_evaluates(tmp_path):
+    """Evaluation (its DataLoader, sample images) must not move the training run's random streams: the same run
+    saved and evaluated every step or every other step ends with the same weights (it did not, before)."""
+    synth.write_dataset(tmp_path / "d", n=24, size=16, seed=2)
+    finals = []
+    for every in (1, 3):
+        ck = tmp_path / f"vq{every}"
+        assert main(["vq", "train", "--tables", f"{tmp_path}/d/train.tsv,{tmp_path}/d/val.tsv", "--input_schema",
+                     SCHEMA, "--second_sequence", "imgbase64", "--checkpoint_dir", str(ck), "--preset", "tiny",
+                     "--size", "16", "--arch", "n_embed=32", "ch=8", "ch_mult=[1,2]", "attn_resolutions=[]",
+                     "z_channels=8", "norm_groups=1", "--micro_batch_size", "4", "--max_steps", "3", "--augment",
+                     "flip,hue", "--random_crop", "--disc_weight", "0.1", "--disc_start", "1", "--dead_code_steps",
+                     "1", "--save_checkpoint_steps", str(every), "--data_threads", "0", "--no_progress"]) == 0
+        st = torch.load(ck / "checkpoints" / "step-00000003.pt", weights_only=True, map_location="cpu")
+        finals.append(st["module"])
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])

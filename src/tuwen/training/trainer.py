@@ -667,6 +667,15 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self, module: nn.Module, val_ds) -> dict[str, float]:
+        # evaluation and sample images must not move the training run's random streams: otherwise the weights
+        # would depend on how often it evaluates (--save_checkpoint_steps)
+        state = _rng_state()
+        try:
+            return self._evaluate_inner(module, val_ds)
+        finally:
+            _set_rng_state(state)
+
+    def _evaluate_inner(self, module: nn.Module, val_ds) -> dict[str, float]:
         m = unwrap(module)
         was_training = m.training
         m.eval()
