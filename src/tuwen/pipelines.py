@@ -35,9 +35,9 @@ def demo_model_path() -> Path:
 # ----------------------------------------------------------------------------------------------- text→image
 
 #: text→image and captioning training from scratch
-DO_LOWER_CASE = Param(bool, True, "a vocabulary built from the training texts lowercases them (as bert-base-chinese "
-                                  "does); false keeps case, so captions that differ only in case (字母Ａ, 字母ａ) stay "
-                                  "apart")
+DO_LOWER_CASE = Param(bool, True, "a vocabulary built from the training texts lowercases them (as "
+                                  "bert-base-chinese does); false keeps case, so captions that differ only in case "
+                                  "(字母Ａ, 字母ａ) stay apart")
 
 #: ``text2image_generation``'s user_defined_parameters (EasyNLP command line and pipeline keyword arguments)
 TEXT2IMAGE_PARAMS: dict[str, Param] = {

@@ -91,8 +91,8 @@ def add_train_parser(sub) -> None:
     m.add_argument("--random_crop", action="store_true", help="random instead of center crops")
     m.add_argument("--augment", default="none", metavar="LIST",
                    help="training-image augmentation, comma-separated: flip (mirror half), hue (rotate half "
-                        "the images' hue by a random angle, luminance kept; `tuwen recipe` uses it: it taught the stamps "
-                        "tokenizer the hues its training images lack); default none")
+                        "the images' hue by a random angle, luminance kept; `tuwen recipe` uses it: it taught the "
+                        "stamps tokenizer the hues its training images lack); default none")
     m.add_argument("--preset", default="tiny", help="architecture preset: f16_16384, f16_1024, small, tiny")
     m.add_argument("--arch", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override preset fields, e.g. --arch n_embed=1024 ch=64 'ch_mult=[1,2,2,4]'")

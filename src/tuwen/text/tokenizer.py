@@ -163,6 +163,11 @@ class TextTokenizer:
         ordered = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
         return cls({t: i for t, i in ordered}, lowercase=lowercase, source="trained vocabulary")
 
+    def built_note(self) -> str:
+        """How a vocabulary made by :meth:`train` is announced by the trainers."""
+        return (f"built a {self.vocab_size}-entry WordPiece vocabulary from the training texts"
+                f"{'' if self.lowercase else ', case kept'} (saved with the model as vocab.txt)")
+
     # ---------------------------------------------------------------- encode / decode
     def tokenize(self, text: str) -> list[str]:
         return self._tok.encode(text, add_special_tokens=False).tokens

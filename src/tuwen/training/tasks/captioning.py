@@ -227,8 +227,7 @@ class CaptionTask(Task):
         else:
             self.tokenizer = TextTokenizer.train(self._texts(self.train_tables), vocab_size=udp["vocab_size"],
                                                  lowercase=udp["do_lower_case"])
-            self.log(f"tokenizer: built a {self.tokenizer.vocab_size}-entry WordPiece vocabulary from the training "
-                     f"texts{'' if udp['do_lower_case'] else ', case kept'} (saved with the model as vocab.txt)")
+            self.log(f"tokenizer: {self.tokenizer.built_note()}")
         text_vocab = udp["text_vocab_size"] or self.tokenizer.vocab_size
         if text_vocab < self.tokenizer.vocab_size:
             raise TuwenError(f"text_vocab_size={text_vocab} is smaller than the vocabulary "

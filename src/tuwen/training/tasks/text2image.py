@@ -298,8 +298,7 @@ def _make_tokenizer(udp: dict, args, train_tables: list[str], log) -> TextTokeni
         return TextTokenizer.from_pretrained(udp["vocab_path"])
     texts = _texts(train_tables, args, args.first_sequence or "text", args.second_sequence or "imgbase64")
     tok = TextTokenizer.train(texts, vocab_size=udp["vocab_size"], lowercase=udp["do_lower_case"])
-    log(f"built a {tok.vocab_size}-entry WordPiece vocabulary from the training texts"
-        f"{'' if udp['do_lower_case'] else ', case kept'} (saved with the model as vocab.txt)")
+    log(tok.built_note())
     return tok
 
 
