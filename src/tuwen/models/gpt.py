@@ -190,6 +190,21 @@ class KVCache:
 
 # --------------------------------------------------------------------------------------------------- modules
 
+def _fused_low_precision(attn: nn.Module) -> nn.Module | None:
+    """The one q/k/v layer of an attention's low-precision layers (models/quant.py ``cat``), kept on ``attn``
+    between ``GPT.fused_qkv()`` contexts (making it copies the weights, and a w8a8 layer packs them for its
+    kernel): it is made again when a weight is replaced or changed in place (its tensor or version differs)."""
+    parts = (attn.query, attn.key, attn.value)
+    cat = getattr(type(attn.query), "cat", None)
+    if cat is None:
+        return None
+    key = [(m.weight, m.weight._version) for m in parts]
+    kept = attn.__dict__.get("_fused_low_precision")  # not a registered submodule: no state-dict entries
+    if kept is None or any(w is not w0 or v != v0 for (w, v), (w0, v0) in zip(key, kept[0])):
+        kept = attn.__dict__["_fused_low_precision"] = (key, cat(list(parts)))
+    return kept[1]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -369,8 +384,7 @@ class GPT(PretrainedModel):
                         a._fused_qkv = None
                         continue
                     if not isinstance(a.query, nn.Linear):  # low-precision layers (models/quant.py) fuse themselves
-                        cat = getattr(type(a.query), "cat", None)
-                        a._fused_qkv = cat([a.query, a.key, a.value]) if cat is not None else None
+                        a._fused_qkv = _fused_low_precision(a)
                         continue
                     w = torch.cat([a.query.weight, a.key.weight, a.value.weight])
                     b = torch.cat([a.query.bias, a.key.bias, a.value.bias])

@@ -27,6 +27,8 @@ samplers work unchanged. Measured choice of the CPU default: see README "Speed".
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -186,6 +188,50 @@ _ROW_BY_ROW = 4
 _INTMM_OK: dict[tuple[str, bool, bool], bool] = {}  # (device type, K % 8 == 0, N % 8 == 0) -> _int_mm usable
 
 
+def _fbgemm_op():
+    """fbgemm's ``linear_with_input_q_dq_qweight_dq_output_fp32`` (x86 builds of torch), or None."""
+    try:
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _fbgemm_pack(weight: torch.Tensor, scales: torch.Tensor):
+    """fbgemm's packed form of int8 ``weight`` [N, K] with per-channel ``scales`` [N] (the same integers)."""
+    with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated; the pack is its input
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(weight, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def _fbgemm_linear(x2: torch.Tensor, packed) -> torch.Tensor:
+    """``x2`` [M, K] fp32 → fp32 [M, N]: each row scaled to max|x| = 1, quantised with the one fixed scale 1/127
+    (uint8, zero point 128: the same 255 levels as :func:`_quantize_rows`), multiplied in integers by fbgemm and
+    scaled back; the fixed scale keeps every row's result independent of the other rows."""
+    sx = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # [M, 1]
+    return _fbgemm_op()(x2 / sx, 1.0 / 127.0, 128, packed).mul_(sx)
+
+
+_FBGEMM_OK: list[bool] = []  # [] not decided; [True] fbgemm's kernel is used on CPU
+
+
+def _fbgemm_ok() -> bool:
+    """Whether fbgemm's integer linear runs in this torch build on this CPU and sums exactly: a probe whose every
+    product is 255 × 127 (an AVX2 kernel without VNNI saturates pairs of them at int16), against the exact sum."""
+    if not _FBGEMM_OK:
+        ok = False
+        if _fbgemm_op() is not None:
+            try:
+                k = 256
+                packed = _fbgemm_pack(torch.full((8, k), 127, dtype=torch.int8), torch.ones(8))
+                y = _fbgemm_linear(torch.ones(2, k), packed)
+                ok = bool(torch.allclose(y, torch.full_like(y, 127.0 * k), rtol=1e-5, atol=0.0))
+            except (RuntimeError, NotImplementedError, AttributeError):
+                ok = False
+        _FBGEMM_OK.append(ok)
+    return _FBGEMM_OK[0]
+
+
 class Int8DynLinear(Int8Linear):
     """W8A8: the int8 weights and per-channel scales of :class:`Int8Linear`, with the activations quantised per
     row at each call and the product computed in integers (``torch._int_mm``, int32 sums). ``weight`` stays the
@@ -217,20 +263,41 @@ class Int8DynLinear(Int8Linear):
         tol = 1e-5 * float(ref.abs().max()) + 1e-3  # exact integers; the float reference rounds above 2**24
         return y.shape == ref.shape and float((y - ref).abs().max()) <= tol
 
+    _packed = None  # fbgemm's packed weights (CPU), made at the first call
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packed = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _choose_kernel(self, x2: torch.Tensor) -> str:
+        """"fbgemm" (CPU, where fbgemm's integer linear sums exactly), "int_mm" (``torch._int_mm``, tried once per
+        process, device type and shape class: CUDA wants K, N multiples of 8) or "float" (the same integers
+        multiplied as floats)."""
+        if x2.device.type == "cpu" and _fbgemm_ok():
+            return "fbgemm"
+        key = (x2.device.type, self.in_features % 8 == 0, self.out_features % 8 == 0)
+        if key not in _INTMM_OK:
+            _INTMM_OK[key] = self._intmm_ok(_quantize_rows(x2[:1])[0])
+        return "int_mm" if _INTMM_OK[key] else "float"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        xq, sx = _quantize_rows(x2)  # [M, K] int8, [M, 1]
-        if self._kernel is None:  # once per process, device type and shape class (CUDA wants K, N multiples of 8)
-            key = (x.device.type, self.in_features % 8 == 0, self.out_features % 8 == 0)
-            if key not in _INTMM_OK:
-                _INTMM_OK[key] = self._intmm_ok(xq)
-            self._kernel = _INTMM_OK[key]
-        acc = self._int_mm(xq) if self._kernel else F.linear(xq.float(), self.weight.float())  # [M, N]
-        y = acc * sx  # int32 (or fp32) × fp32 → fp32
+        if self._kernel is None and x2.shape[0]:
+            self._kernel = self._choose_kernel(x2)
         sc, b = self.scales, self.bias
         if sc.dtype != torch.float32 or (b is not None and b.dtype != torch.float32):  # cast: compute in fp32
             sc, b = sc.float(), None if b is None else b.float()
-        y = y.mul_(sc) if b is None else torch.addcmul(b, y, sc)
+        if self._kernel == "fbgemm":
+            if self._packed is None:
+                self._packed = _fbgemm_pack(self.weight, sc)
+            y = _fbgemm_linear(x2.float().contiguous(), self._packed)  # [M, N] fp32, channel scales applied
+            if b is not None:
+                y = y.add_(b)
+        else:
+            xq, sx = _quantize_rows(x2)  # [M, K] int8, [M, 1]
+            acc = self._int_mm(xq) if self._kernel == "int_mm" else F.linear(xq.float(), self.weight.float())
+            y = acc * sx  # int32 (or fp32) × fp32 → fp32 [M, N]
+            y = y.mul_(sc) if b is None else torch.addcmul(b, y, sc)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
