@@ -6,6 +6,12 @@ greedy codes agreement of bf16/int8/w8a8 weights with fp32, and the attribute ch
 plus the speculative decoder's codes per step.
 
     OMP_NUM_THREADS=1 python bench/quality_lowp.py [--n 64] [--speculative 4]
+    OMP_NUM_THREADS=2 python bench/quality_lowp.py --base 8     # a base-size model (random weights) instead
+
+``--base N``: the base shape (12×768, 32 text tokens + 256 codes, random weights, seed 0), N random prompts,
+greedy codes of fp32 as the reference; per weights dtype the free-running greedy agreement (paths split at the
+first near-tie, which random weights have many of) and the teacher-forced one (the share of the 256 positions
+where the dtype's most likely code, given fp32's greedy prefix, is fp32's).
 """
 from __future__ import annotations
 
@@ -33,7 +39,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--speculative", type=int, default=4)
     ap.add_argument("--dtypes", default="fp32,bf16,int8,w8a8")
+    ap.add_argument("--base", type=int, default=0, help="measure a base-size random model with this many prompts")
     a = ap.parse_args()
+    if a.base:
+        return base_agreement(a.base, a.dtypes.split(","))
     ps = prompts(a.n)
     ref = None
     print(f"demo model, {len(ps)} prompts, seed 0, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -55,6 +64,29 @@ def main() -> None:
             print(f"{wd:>4} {'speculative ' + str(spec) if spec else 'one-by-one':<14} greedy agreement {agree:6.1%}  "
                   f"colour {s['color']:.1%} shape {s['shape']:.1%} position {s['position']:.1%} "
                   f"object {s['object']:.1%} image {s['image']:.1%}  ({dt:.1f} s codes{extra})", flush=True)
+
+
+@torch.inference_mode()
+def base_agreement(n: int, dtypes: list[str], P: int = 32, N: int = 256) -> None:
+    import copy
+
+    from tuwen.models.gpt import GPT, GPTConfig
+    from tuwen.models.quant import quantize_weights
+    from tuwen.sampling import generate
+
+    torch.manual_seed(0)
+    fp32 = GPT(GPTConfig.preset("base", vocab_size=37512, block_size=P + N, n_out=16384)).eval()
+    prefix = torch.randint(16384, 37512, (n, P))
+    ref = generate(fp32, prefix_ids=prefix, num_tokens=N, seeds=torch.arange(n), top_k=1)  # [n, N]
+    print(f"base (12×768) random weights, {n} prompts, {P} + {N} codes, greedy, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    for wd in dtypes:
+        m = quantize_weights(copy.deepcopy(fp32), wd)
+        free = generate(m, prefix_ids=prefix, num_tokens=N, seeds=torch.arange(n), top_k=1)
+        logits = m(torch.cat([prefix, ref[:, :-1]], dim=1))[:, P - 1:]  # [n, N, n_out]: the code at each position
+        forced = (logits.argmax(-1) == ref).float().mean()
+        print(f"{wd:>4}  greedy agreement free-running {float((free == ref).float().mean()):6.1%}, "
+              f"teacher-forced {float(forced):6.1%}", flush=True)
 
 
 def _spec(model, ps, k, st):

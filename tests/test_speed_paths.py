@@ -170,7 +170,8 @@ def test_quantize_errors_and_resolve():
     quantize_weights(m, "int8")
     with pytest.raises(TuwenError, match="already low-precision"):
         quantize_weights(m, "bf16")
-    assert resolve_weights_dtype("auto", "cpu") == "int8"
+    from tuwen.models.quant import _fbgemm_ok
+    assert resolve_weights_dtype("auto", "cpu") == ("w8a8" if _fbgemm_ok() else "int8")
     assert resolve_weights_dtype(None, "cuda") is None
     assert resolve_weights_dtype("BF16", "cpu") == "bf16"
     assert resolve_weights_dtype("w8a8", "cpu") == "w8a8"

@@ -76,7 +76,7 @@ TEXT2IMAGE_PARAMS: dict[str, Param] = {
     "eval_num": Param(int, 64, "evaluate --metric attributes: prompts to generate for"),
     "seed": Param(int, None, "sampling seed (default: --random_seed)"),
     "weights_dtype": Param(str, None, "predict/evaluate/pipeline: GPT Linear weights fp32 | bf16 | int8 | w8a8 "
-                                      "(default auto: int8 on CPU, as loaded on GPU)"),
+                                      "(default auto: w8a8 on x86 CPUs, else int8; as loaded on GPU)"),
     "vq_dtype": Param(str, None, "predict/pipeline: VQGAN decode dtype fp32 | bf16 | auto (default fp32; auto: bf16 "
                                  "on CUDA and CPUs with AVX512-BF16/AMX); recorded in each PNG"),
 }

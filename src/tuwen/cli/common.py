@@ -196,7 +196,7 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--keep", type=int, default=None, help="with --rerank: how many candidates to keep per prompt")
     t.add_argument("--metric", default=None, help="evaluate: extra metric, e.g. 'attributes' on the synthetic set")
     t.add_argument("--weights_dtype", default=None, choices=["auto", "fp32", "bf16", "int8", "w8a8"],
-                   help="text→image predict/evaluate: GPT Linear weights (default auto: int8 weight-only on CPU, "
+                   help="text→image predict/evaluate: GPT Linear weights (default auto: w8a8 on x86 CPUs, else int8; "
                         "as loaded on GPU); same as user_defined_parameters weights_dtype=")
     t.add_argument("--vq_dtype", default=None, choices=["fp32", "bf16", "auto"],
                    help="text→image predict: VQGAN decode dtype (default fp32; auto: bf16 on CUDA and CPUs with "

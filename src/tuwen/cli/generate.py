@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--weights_dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "w8a8"],
-                   help="GPT Linear weights for decoding (auto: int8 weight-only on CPU, as loaded on GPU)")
+                   help="GPT Linear weights for decoding (auto: w8a8 on x86 CPUs, else int8; as loaded on GPU)")
     p.add_argument("--vq_dtype", default=None, choices=["fp32", "bf16", "auto"],
                    help="VQGAN decode dtype (default auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, 2–3× faster "
                         "there and within a few levels, else fp32; fp32 for EasyNLP-exact pixels); recorded in each PNG, so "

@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--weights_dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "w8a8"],
-                   help="GPT Linear weights for decoding (auto: as tuwen generate, int8 weight-only on CPU)")
+                   help="GPT Linear weights for decoding (auto: as tuwen generate — w8a8 on x86 CPUs, else int8)")
     p.add_argument("--vq_dtype", default=None, choices=["fp32", "bf16", "auto"],
                    help="VQGAN decode dtype (default auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, 2–3× faster "
                         "there and within a few levels, else fp32); recorded in each PNG")

@@ -198,7 +198,9 @@ def _fused_low_precision(attn: nn.Module) -> nn.Module | None:
     cat = getattr(type(attn.query), "cat", None)
     if cat is None:
         return None
-    key = [(m.weight, m.weight._version) for m in parts]
+    # an inference tensor (made under inference_mode) has no version counter and cannot be changed in place outside
+    # inference_mode; there only its identity is compared
+    key = [(m.weight, None if m.weight.is_inference() else m.weight._version) for m in parts]
     kept = attn.__dict__.get("_fused_low_precision")  # not a registered submodule: no state-dict entries
     if kept is None or any(w is not w0 or v != v0 for (w, v), (w0, v0) in zip(key, kept[0])):
         kept = attn.__dict__["_fused_low_precision"] = (key, cat(list(parts)))

@@ -16,10 +16,15 @@ the KV cache stay in the model's dtype; only the matrix products read low-precis
   first call, by trying the kernel against the fallback.
 * ``"w8a8"`` — :class:`Int8DynLinear`: the same int8 weights and scales, and the activations quantised too, per
   row at each call (symmetric: ``x ≈ xq * sx``, ``sx = max|x_row| / 127``, an all-zero row gives zeros); the
-  product runs as ``torch._int_mm(xq, q.t())`` (exact int32 sums) times ``sx`` times the channel scales. Each
-  row's result depends on that row only, so images do not depend on the batch. On CUDA ``_int_mm`` wants more
-  than 16 rows and K, N multiples of 8: smaller batches are padded with zero rows; elsewhere (no ``_int_mm``, a
-  kernel that refuses) the same quantised product runs as a float ``F.linear`` (equal within float rounding).
+  product is exact int32 sums times ``sx`` times the channel scales. On an x86 CPU it runs as fbgemm's integer
+  linear (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` on weights packed once per layer): each
+  row is first scaled to max|x| = 1 and then quantised with one fixed scale (1/127, uint8 zero point 128 — the
+  same 255 levels), so no row's result depends on another's; fbgemm is used only where a probe shows it sums
+  exactly (an AVX2 kernel without VNNI saturates). Elsewhere it runs as ``torch._int_mm(xq, q.t())``; on CUDA
+  ``_int_mm`` wants more than 16 rows and K, N multiples of 8: smaller batches are padded with zero rows; without
+  either (no ``_int_mm``, a kernel that refuses) the same integers are multiplied by a float ``F.linear``. The
+  kernels agree up to an activation on a half level rounded the other way. Each row's result depends on that
+  row only, so images do not depend on the batch.
 
 All are inference-only (no gradients) and keep the GPT's state-dict names for ``weight`` and ``bias``
 (``weight`` holds the low-precision tensor; ``Int8Linear`` adds ``scales``), so ``model.fused_qkv()`` and the
@@ -35,24 +40,26 @@ from torch import nn
 
 from ..errors import TuwenError
 
-__all__ = ["WEIGHTS_DTYPES", "CPU_DEFAULT", "Bf16Linear", "Int8Linear", "Int8DynLinear", "quantize_weights",
+__all__ = ["WEIGHTS_DTYPES", "cpu_default", "Bf16Linear", "Int8Linear", "Int8DynLinear", "quantize_weights",
            "weights_dtype_of", "check_weights_dtype", "resolve_weights_dtype"]
 
 #: the values ``--weights_dtype`` / ``weights_dtype=`` accept
 WEIGHTS_DTYPES = ("fp32", "bf16", "int8", "w8a8")
 
 
-#: ``"auto"`` on CPU: measured fastest with the quality guard met (README "Speed": int8 weight-only decodes a
-#: base-size step in 10.6 ms against 28.2 ms fp32 on one core). On CUDA "auto" keeps the weights as loaded
-#: (bf16 autocast, CUDA graph).
-CPU_DEFAULT = "int8"
+def cpu_default() -> str:
+    """What ``"auto"`` means on CPU: ``"w8a8"`` where fbgemm's integer linear runs exactly (x86 builds of torch),
+    else ``"int8"`` — measured fastest with the quality guard met (README "Speed": a base-size image's codes at
+    2 threads, w8a8 2.25 s against int8 2.45 at batch 1, 0.48 against 0.60 s per image at batch 8; the demo's
+    attribute accuracy the same). On CUDA "auto" keeps the weights as loaded (bf16 autocast, CUDA graph)."""
+    return "w8a8" if _fbgemm_ok() else "int8"
 
 
 def resolve_weights_dtype(name: str | None, device: torch.device | str, flag: str = "weights_dtype") -> str | None:
-    """``"auto"``/None → the default for ``device`` (CPU_DEFAULT on CPU, None = as loaded elsewhere); other values
-    are checked with :func:`check_weights_dtype`."""
+    """``"auto"``/None → the default for ``device`` (:func:`cpu_default` on CPU, None = as loaded elsewhere); other
+    values are checked with :func:`check_weights_dtype`."""
     if name is None or str(name).strip().lower() == "auto":
-        return CPU_DEFAULT if torch.device(device).type == "cpu" else None
+        return cpu_default() if torch.device(device).type == "cpu" else None
     return check_weights_dtype(name, flag)
 
 
@@ -234,9 +241,10 @@ def _fbgemm_ok() -> bool:
 
 class Int8DynLinear(Int8Linear):
     """W8A8: the int8 weights and per-channel scales of :class:`Int8Linear`, with the activations quantised per
-    row at each call and the product computed in integers (``torch._int_mm``, int32 sums). ``weight`` stays the
-    row-major [N, K] of :class:`Int8Linear` (``_int_mm`` reads its transposed view): on one CPU thread a base-size
-    decode step measured the same or faster than with a contiguous [K, N] copy at 1–16 rows."""
+    row at each call and the product computed in integers (int32 sums; kernels: the module docstring). ``weight``
+    stays the row-major [N, K] of :class:`Int8Linear` (``_int_mm`` reads its transposed view: on one CPU thread a
+    base-size decode step measured the same or faster than with a contiguous [K, N] copy at 1–16 rows); fbgemm's
+    packed copy is made at the first call on CPU (as many bytes again)."""
 
     def _int_mm(self, xq: torch.Tensor) -> torch.Tensor:
         """``xq @ q.t()`` as int32 [M, N]; on CUDA rows are padded to 17 (``_int_mm`` wants M > 16); on CPU 2 …
