@@ -1,7 +1,7 @@
 """The memory-traffic floor of text→image decoding on this machine, and what it allows for batch 8 against batch 1.
 
-    OMP_NUM_THREADS=2 python bench/bench_floor.py                    # base, int8 weights (the CPU default)
-    OMP_NUM_THREADS=2 python bench/bench_floor.py --weights w8a8
+    OMP_NUM_THREADS=2 python bench/bench_floor.py                    # base, the CPU default weights
+    OMP_NUM_THREADS=2 python bench/bench_floor.py --weights int8
 
 On CPU a decode step of the base model (12×768, pai-painter shape: 32 text tokens + 256 codes) is bound by the
 bytes it reads, not by arithmetic: every step reads all the weights once (for every row of the batch together)
@@ -25,7 +25,7 @@ import time
 import torch
 
 from tuwen.models.gpt import GPT, GPTConfig
-from tuwen.models.quant import quantize_weights
+from tuwen.models.quant import quantize_weights, resolve_weights_dtype
 from tuwen.models.vqgan import VQGAN, VQGANConfig
 from tuwen.sampling import generate
 
@@ -55,7 +55,7 @@ def kv_bytes(cfg: GPTConfig, batch: int, prefix: int, n_tok: int, elem: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default="int8", help="GPT weights dtype: fp32, bf16, int8, w8a8")
+    ap.add_argument("--weights", default="auto", help="GPT weights dtype: auto (the CPU default), fp32, bf16, int8, w8a8")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--text-len", type=int, default=32)
     ap.add_argument("--num-tokens", type=int, default=256)
@@ -64,6 +64,7 @@ def main() -> None:
     P, N, B = a.text_len, a.num_tokens, a.batch
     torch.manual_seed(0)
     cfg = GPTConfig.preset("base", vocab_size=37512, block_size=P + N, n_out=16384)
+    a.weights = resolve_weights_dtype(a.weights, "cpu", "--weights")
     model = quantize_weights(GPT(cfg).eval(), a.weights)
     vq = VQGAN(VQGANConfig.preset("f16_16384")).eval()
 

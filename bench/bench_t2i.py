@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--weights", default=None, help="comma list of GPT weights dtypes to time: fp32,bf16,int8,w8a8 "
                     "(tuwen.models.quant; the naive loop always runs the fp32 model). Default: fp32,int8,w8a8 on CPU "
-                    "(int8 is the CPU default), fp32 on CUDA")
+                    "(the CPU default is w8a8 where fbgemm runs, else int8), fp32 on CUDA")
     ap.add_argument("--decode", default="fp32,bf16", help="comma list of VQGAN decode dtypes (f16_16384 layout at "
                     "256 px, random weights) to add to the codes' time, or 'off'")
     ap.add_argument("--speculative", type=int, default=0,
@@ -142,7 +142,8 @@ def main():
                 codes = torch.randint(0, 16384, (B, 16, 16), device=device)
                 ddt = {"fp32": None, "bf16": torch.bfloat16}[d]
                 vq.decode(codes[:1], dtype=ddt)  # warm-up
-                dec_t[d] = timed(lambda: vq.decode(codes, dtype=ddt), device, args.repeats)
+                # at least 5 repeats: the decode is short, and at 256 px on CPU batch 8 is 8 decodes of one image
+                dec_t[d] = timed(lambda: vq.decode(codes, dtype=ddt), device, max(args.repeats, 5))
             naive = args.naive
             if naive == "auto":
                 naive = "full" if (device.type == "cuda" or name in ("tiny", "small")) else "estimate"

@@ -211,12 +211,13 @@ def _fbgemm_pack(weight: torch.Tensor, scales: torch.Tensor):
         return torch.ops.quantized.linear_prepack(qw, None)
 
 
-def _fbgemm_linear(x2: torch.Tensor, packed) -> torch.Tensor:
-    """``x2`` [M, K] fp32 → fp32 [M, N]: each row scaled to max|x| = 1, quantised with the one fixed scale 1/127
-    (uint8, zero point 128: the same 255 levels as :func:`_quantize_rows`), multiplied in integers by fbgemm and
-    scaled back; the fixed scale keeps every row's result independent of the other rows."""
-    sx = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # [M, 1]
-    return _fbgemm_op()(x2 / sx, 1.0 / 127.0, 128, packed).mul_(sx)
+def _fbgemm_linear(x2: torch.Tensor, packed, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2`` [M, K] fp32 → fp32 [M, N] (+ ``bias``): each row scaled to max|x| = 1, quantised with the one fixed
+    scale 1/127 (uint8, zero point 128: the same 255 levels as :func:`_quantize_rows`), multiplied in integers by
+    fbgemm and scaled back; the fixed scale keeps every row's result independent of the other rows."""
+    sx = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)  # [M, 1] max|x|
+    y = _fbgemm_op()(x2 / sx, 1.0 / 127.0, 128, packed)
+    return y.mul_(sx) if bias is None else torch.addcmul(bias, y, sx)
 
 
 _FBGEMM_OK: list[bool] = []  # [] not decided; [True] fbgemm's kernel is used on CPU
@@ -298,9 +299,7 @@ class Int8DynLinear(Int8Linear):
         if self._kernel == "fbgemm":
             if self._packed is None:
                 self._packed = _fbgemm_pack(self.weight, sc)
-            y = _fbgemm_linear(x2.float().contiguous(), self._packed)  # [M, N] fp32, channel scales applied
-            if b is not None:
-                y = y.add_(b)
+            y = _fbgemm_linear(x2.float().contiguous(), self._packed, b)  # [M, N] fp32
         else:
             xq, sx = _quantize_rows(x2)  # [M, K] int8, [M, 1]
             acc = self._int_mm(xq) if self._kernel == "int_mm" else F.linear(xq.float(), self.weight.float())
