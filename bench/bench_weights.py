@@ -1,7 +1,7 @@
 """Per-step decode time of a base-size GPT (12×768, pai-painter shape, random weights, greedy, 24 codes)
-with fp32, bf16 and int8 weight-only Linear layers, w8a8 (int8 weights and per-row int8 activations,
-torch._int_mm; all tuwen.models.quant) and torch.ao dynamic int8 quantisation (weights and activations),
-interleaved over R rounds; prints the best wall and process-CPU ms per step so far.
+with fp32, bf16 and int8 weight-only Linear layers, w8a8 (int8 weights and per-row int8 activations, fbgemm on
+x86 CPUs, else torch._int_mm; all tuwen.models.quant) and torch.ao dynamic int8 quantisation (weights and
+activations), interleaved over R rounds; prints the best wall and process-CPU ms per step so far.
 
     OMP_NUM_THREADS=1 python bench/bench_weights.py 5 [ROWS]
 
