@@ -215,7 +215,7 @@ def _fbgemm_linear(x2: torch.Tensor, packed, bias: torch.Tensor | None = None) -
     """``x2`` [M, K] fp32 → fp32 [M, N] (+ ``bias``): each row scaled to max|x| = 1, quantised with the one fixed
     scale 1/127 (uint8, zero point 128: the same 255 levels as :func:`_quantize_rows`), multiplied in integers by
     fbgemm and scaled back; the fixed scale keeps every row's result independent of the other rows."""
-    sx = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)  # [M, 1] max|x|
+    sx = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # [M, 1] (6× faster than vector_norm(inf) here)
     y = _fbgemm_op()(x2 / sx, 1.0 / 127.0, 128, packed)
     return y.mul_(sx) if bias is None else torch.addcmul(bias, y, sx)
 
