@@ -55,7 +55,8 @@ def kv_bytes(cfg: GPTConfig, batch: int, prefix: int, n_tok: int, elem: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default="auto", help="GPT weights dtype: auto (the CPU default), fp32, bf16, int8, w8a8")
+    ap.add_argument("--weights", default="auto",
+                    help="GPT weights dtype: auto (the CPU default), fp32, bf16, int8, w8a8")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--text-len", type=int, default=32)
     ap.add_argument("--num-tokens", type=int, default=256)

@@ -207,7 +207,8 @@ def _fbgemm_pack(weight: torch.Tensor, scales: torch.Tensor):
     """fbgemm's packed form of int8 ``weight`` [N, K] with per-channel ``scales`` [N] (the same integers)."""
     with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated; the pack is its input
         warnings.simplefilter("ignore")
-        qw = torch._make_per_channel_quantized_tensor(weight, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0)
+        zero_points = torch.zeros_like(scales, dtype=torch.long)
+        qw = torch._make_per_channel_quantized_tensor(weight, scales.double(), zero_points, 0)
         return torch.ops.quantized.linear_prepack(qw, None)
 
 

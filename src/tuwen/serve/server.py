@@ -33,7 +33,7 @@ class ServeOptions:
     captioner: str | None = None      # captioner folder: /v1/captions (and caption reranking without --clip)
     clip: str | None = None           # CLIP folder: /v1/rerank and "rerank": true
     device: str = "auto"
-    weights_dtype: str | None = "auto"  # GPT Linear weights: auto (w8a8 on x86 CPUs, else int8), fp32, bf16, int8, w8a8
+    weights_dtype: str | None = "auto"  # GPT Linear weights: auto (CPU: w8a8 where fbgemm runs, else int8), fp32, …
     vq_dtype: str | None = None       # VQGAN decode: auto (None: bf16 where fast, as tuwen generate), fp32, bf16
     max_batch: int = 16               # images decoded together
     max_queue: int = 64               # images waiting; beyond → 429
