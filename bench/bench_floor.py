@@ -20,7 +20,6 @@ Issue 16's target is that ratio ≥ 3; this shows how far the hardware lets it g
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -28,15 +27,12 @@ from tuwen.models.gpt import GPT, GPTConfig
 from tuwen.models.quant import quantize_weights, resolve_weights_dtype
 from tuwen.models.vqgan import VQGAN, VQGANConfig
 from tuwen.sampling import generate
+from bench_t2i import timed  # bench/bench_t2i.py (this script's folder is on sys.path)
 
 
 def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    """Best wall seconds of ``repeats`` calls (bench_t2i's timer)."""
+    return timed(fn, torch.device("cpu"), repeats)[0]
 
 
 def weight_bytes(model: GPT) -> int:

@@ -238,7 +238,8 @@ def parse_augment(spec: str | None) -> tuple[str, ...]:
 def image_transform(image_col: str, size: int, random_crop: bool, seed: int, augment: tuple[str, ...] = ()):
     """Row → {"image": CHW in [-1, 1]}. Random crops and ``augment`` (``flip``: mirror half the images; ``hue``:
     rotate the hue of half the images by a uniform random angle, so the other half keep the data's own colours)
-    are drawn from (seed, epoch, index), so a resumed run sees the same images. A tokenizer needs no caption to stay true, so both are safe here (unlike for the text→image GPT)."""
+    are drawn from (seed, epoch, index), so a resumed run sees the same images. A tokenizer needs no caption to
+    stay true, so both are safe here (unlike for the text→image GPT)."""
     def transform(row: dict, index: int, epoch: int) -> dict:
         rng = random.Random(f"{seed}-{epoch}-{index}") if (random_crop or augment) else None
         arr = load_image(row[image_col], size, random_crop=random_crop, rng=rng if random_crop else None)
